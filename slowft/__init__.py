@@ -1,0 +1,10 @@
+"""slowft: full-parameter fine-tuning of llama2 models larger than memory, one block at a time from SSD."""
+from .errors import Interrupted, NonFiniteError, SlowftError
+from .generate import generate
+from .model import ModelArgs
+from .offloaded import OffloadedModel, load
+from .optim import SGD, Adalite
+from .tokenizer import Tokenizer
+
+__all__ = ["load", "generate", "SGD", "Adalite", "Tokenizer", "ModelArgs", "OffloadedModel",
+           "SlowftError", "NonFiniteError", "Interrupted"]

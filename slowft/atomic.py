@@ -1,0 +1,76 @@
+"""Durable, atomic file writes: a temp name in the same folder, fsync, rename, fsync the folder.
+
+A reader (or a process restarted after a power cut) sees the old file or the new one, never half.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from . import faults
+
+
+def fsync_file(fd: int) -> None:
+    """fsync; on macOS F_FULLFSYNC, since plain fsync there does not flush the drive's cache."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: Path, write, fault_point: str | None = None) -> int:
+    """Calls ``write(file)`` on a temp file, then makes it ``path``. Returns the bytes written."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            if fault_point:
+                faults.hit(fault_point)
+            fsync_file(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return size
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> int:
+    return write_atomic(path, lambda f: f.write(data))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Moves a completed folder into place; an older folder of that name is removed afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

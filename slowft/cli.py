@@ -1,0 +1,31 @@
+"""Entry-point plumbing: user errors become one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import sys
+
+from .errors import SlowftError
+
+
+def run(main) -> None:
+    try:
+        code = main()
+    except SlowftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512M', '0' -> bytes (a bare number is GB)."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1e9)
+    except ValueError:
+        raise SlowftError(f"--ram-budget {text}: expected a size such as 8G, 512M or 0") from None
+    if value < 0:
+        raise SlowftError(f"--ram-budget {text}: expected a size >= 0")
+    return int(value)

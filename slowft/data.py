@@ -1,0 +1,73 @@
+"""Training text: plain-text files -> one token stream -> random windows, reproducible per step.
+
+The batch of step t depends only on (seed, t), so a resumed run sees exactly the batches an
+uninterrupted one would, without saving a data position.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import SlowftError
+from .tokenizer import Tokenizer
+
+
+def read_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise SlowftError(f"--data {path}: no such file; expected a plain-text file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise SlowftError(f"--data {path}: file is empty; expected plain text")
+    if b"\0" in raw[:65536]:
+        raise SlowftError(f"--data {path}: looks binary (contains NUL bytes); expected UTF-8 plain text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SlowftError(f"--data {path}: not UTF-8 text (bad byte at offset {e.start}); expected UTF-8 plain text") from None
+
+
+def text_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for its *.txt files."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.txt"))
+            if not found:
+                raise SlowftError(f"--data {p}: folder has no .txt files; expected plain-text files")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+class TokenData:
+    def __init__(self, tokens: torch.Tensor, sources: list[Path]):
+        self.tokens, self.sources = tokens, sources
+
+    @classmethod
+    def from_files(cls, paths: list[Path], tokenizer: Tokenizer) -> "TokenData":
+        """Each file is one document: BOS, its tokens, EOS."""
+        files = text_files(paths)
+        ids: list[int] = []
+        for f in files:
+            ids += tokenizer.encode(read_text(f), bos=True, eos=True)
+        return cls(torch.tensor(ids, dtype=torch.int64), files)
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def check(self, seq_len: int) -> None:
+        if len(self) < seq_len + 1:
+            names = ", ".join(str(f) for f in self.sources)
+            raise SlowftError(
+                f"--data {names}: {len(self)} tokens, shorter than one sequence; expected at least --seq-len + 1 = {seq_len + 1}"
+            )
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, targets), each [batch_size, seq_len]: random windows, targets shifted by one."""
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+        starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=gen)
+        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()])
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

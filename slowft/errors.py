@@ -1,0 +1,13 @@
+"""Errors a user can act on. Command-line entry points print them as one line and exit 2."""
+
+
+class SlowftError(Exception):
+    """Bad input or an environment problem: the message names the file or flag and what was expected."""
+
+
+class NonFiniteError(Exception):
+    """A NaN/inf loss or gradient; raised before the poisoned update reaches the disk."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: the state on disk was made consistent before this was raised."""

@@ -1,0 +1,242 @@
+"""Meta's Llama 2 architecture, written so that one transformer block can run on its own.
+
+Parameter names are Meta's (``attention.wq.weight`` ...), so a block's weights travel between
+Meta's checkpoints, the block store and these modules without renaming. Offloaded code keeps one
+weightless ``TransformerBlock`` and calls it with a block's tensors (``torch.func.functional_call``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1  # -1: take it from the tokenizer / the embedding's shape
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # not in params.json: llama2 4096, CodeLlama (rope_theta 1e6) 16384
+
+    @classmethod
+    def from_params(cls, params: dict, vocab_size: int | None = None) -> "ModelArgs":
+        """Builds args from a params.json dict; unknown keys (e.g. ``max_batch_size``) are ignored."""
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in params.items() if k in known})
+        if "max_seq_len" not in params and args.rope_theta >= 1e6:
+            args.max_seq_len = 16384
+        if args.vocab_size <= 0 and vocab_size is not None:
+            args.vocab_size = vocab_size
+        return args
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width, computed exactly as Meta's FeedForward does."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """The per-pair rotation speeds; Meta stores this vector as ``rope.freqs``."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, [end, head_dim/2], float32 (real-valued: mps has no complex)."""
+    angles = torch.outer(torch.arange(end).float(), rope_frequencies(head_dim, theta))
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) as Meta's complex multiply does. x: [B, T, H, D]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+class SeededDropout:
+    """Dropout whose masks are a pure function of (seed, step, layer, site).
+
+    The backward pass recomputes each block from its saved input; drawing the masks from a
+    generator seeded by that key gives the recompute exactly the forward's masks, on any device,
+    without saving RNG state, and a resumed run draws the same masks as an uninterrupted one.
+    """
+
+    def __init__(self, p: float, seed: int, step: int):
+        self.p, self.seed, self.step = p, seed, step
+
+    def key(self, layer: int | str, site: str) -> int:
+        text = f"{self.seed}/{self.step}/{layer}/{site}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+    def mask(self, shape, device, layer: int | str, site: str) -> torch.Tensor:
+        """Keep-mask already scaled by 1/(1-p), float32."""
+        device = torch.device(device)
+        try:
+            gen = torch.Generator(device=device)
+        except RuntimeError:  # a backend without device generators: draw on the cpu
+            gen, device_draw = torch.Generator(), torch.device("cpu")
+        else:
+            device_draw = device
+        gen.manual_seed(self.key(layer, site))
+        keep = torch.rand(shape, generator=gen, device=device_draw) >= self.p
+        return (keep.float() / (1.0 - self.p)).to(device)
+
+    def apply(self, x: torch.Tensor, layer: int | str, site: str) -> torch.Tensor:
+        return x * self.mask(x.shape, x.device, layer, site).to(x.dtype)
+
+    def at(self, layer: int | str):
+        """The dropout function for one layer: ``drop(x, site)``."""
+        return lambda x, site: self.apply(x, layer, site)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, preallocated for the whole sequence."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[1]
+        self.k[:, start:end], self.v[:, start:end] = k, v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)
+        # grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads)
+        rep = self.n_heads // self.n_kv_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        S = k.shape[2]
+        mask = None
+        if T > 1:  # causal; with a cache, query t sees keys up to start_pos + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        if drop is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # spelled out so the dropout mask on the probabilities is ours, not the kernel's
+            scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = drop(F.softmax(scores, dim=-1).type_as(q), "attn_probs")
+            out = probs @ v
+        out = self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return out if drop is None else drop(out, "attn_out")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x, drop=None):
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out if drop is None else drop(out, "ffn_out")
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None):
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, drop)
+        return h + self.feed_forward(self.ffn_norm(h), drop)
+
+
+class Head(nn.Module):
+    """Final norm and output projection: stored and updated together as one unit."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h)).float()
+
+
+class Transformer(nn.Module):
+    """The whole model in memory (state_dict keys are Meta's): for random init and in-RAM baselines."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, block_fn=None) -> torch.Tensor:
+        """Logits [B, T, V]; ``block_fn(block, h, rope)`` lets a caller wrap each block (checkpointing)."""
+        h = self.tok_embeddings(tokens)
+        rope = precompute_rope(self.args.head_dim, tokens.shape[1], self.args.rope_theta, tokens.device)
+        for block in self.layers:
+            h = block_fn(block, h, rope) if block_fn else block(h, rope)
+        return self.output(self.norm(h)).float()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose target is not -1."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+

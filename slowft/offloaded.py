@@ -1,0 +1,295 @@
+"""The model whose units live in the work directory: ``slowft.load`` and what it returns.
+
+Only the unit in use (plus what prefetch and the RAM budget allow) is on the device. One
+weightless ``TransformerBlock`` holds the code; each block's tensors are passed in per call.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+from . import train
+from .errors import SlowftError
+from .loader import DTYPE_NAMES, MetaSource, expected_shapes, import_model, write_meta_checkpoint
+from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
+from .offload import IOWorker, SavedInputs, UnitCache
+from .store import FORMAT, Store
+
+DEVICES = ("auto", "mps", "cuda", "cpu")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLOWFT_CACHE", "~/.cache/slowft")).expanduser()
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """mps > cuda > cpu for 'auto'; an unavailable device is a user error, not a fallback."""
+    name = name or "auto"
+    mps = torch.backends.mps.is_available()
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("mps" if mps else "cuda" if cuda else "cpu")
+    have = ["cpu"] + (["cuda"] if cuda else []) + (["mps"] if mps else [])
+    if name.split(":")[0] not in DEVICES[1:]:
+        raise SlowftError(f"--device {name}: unknown device; expected one of {', '.join(['auto'] + have)}")
+    if name.split(":")[0] not in have:
+        raise SlowftError(f"--device {name}: not available on this machine; expected one of {', '.join(['auto'] + have)}")
+    return torch.device(name)
+
+
+def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError):
+        raise SlowftError(f"--compute-dtype {dtype}: not supported on {device}; expected float32") from None
+
+
+def default_ram_budget(device: torch.device) -> int:
+    """Half of what is free now: resident units and saved inputs live in it."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def default_workdir(src: MetaSource, storage_dtype: str) -> Path:
+    return cache_root() / f"{src.path.name}-{src.fingerprint()}-{storage_dtype}"
+
+
+def _inside(a: Path, b: Path) -> bool:
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents
+
+
+def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = False) -> Store:
+    """Opens (creating) the work dir for ``src``; refuses one that belongs to another model or dtype."""
+    if storage_dtype not in ("float32", "bfloat16"):
+        raise SlowftError(f"--storage-dtype {storage_dtype}: expected float32 or bfloat16")
+    root = Path(workdir).expanduser() if workdir else default_workdir(src, storage_dtype)
+    if _inside(root, src.path):
+        raise SlowftError(f"--workdir {root}: is inside the source model folder {src.path}; expected a folder elsewhere")
+    store = Store(root)
+    meta = store.read_json("meta.json")
+    if meta is not None and reset:
+        store.reset()
+        meta = None
+    if meta is not None and (
+        meta.get("format") != FORMAT
+        or meta["source"]["fingerprint"] != src.fingerprint()
+        or meta["storage_dtype"] != storage_dtype
+    ):
+        store.close()
+        raise SlowftError(
+            f"{store.root}: work dir belongs to {meta['source']['path']} ({meta['storage_dtype']}), "
+            f"not {src.path} ({storage_dtype}); pass --reset-workdir to start it over, or another --workdir"
+        )
+    return store
+
+
+def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
+         ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True) -> "OffloadedModel":
+    """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after."""
+    src = MetaSource.open(path)
+    dev = pick_device(device)
+    store = open_workdir(src, workdir, storage_dtype, reset_workdir)
+    try:
+        run = (store.read_json("meta.json") or {}).get("run")
+        if run and not run.get("finished"):
+            raise SlowftError(
+                f"{store.root}: holds an unfinished training run (step {run.get('step', '?')}); "
+                "finish it with finetune.py --resume, or pass another --workdir"
+            )
+        if run:
+            print(f"slowft: {store.root} holds fine-tuned weights; re-importing the originals from {src.path}")
+        import_model(src, store, DTYPE_NAMES[storage_dtype], progress=progress)
+        return OffloadedModel(store, dev, compute_dtype, ram_budget)
+    except BaseException:
+        store.close()
+        raise
+
+
+class OffloadedModel:
+    def __init__(self, store: Store, device: torch.device, compute_dtype: str = "float32",
+                 ram_budget: int | None = None, io_depth: int = 1, io_delay: float = 0.0):
+        self.store, self.device = store, device
+        if compute_dtype not in DTYPE_NAMES:
+            raise SlowftError(f"--compute-dtype {compute_dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+        self.compute_dtype = DTYPE_NAMES[compute_dtype]
+        if self.compute_dtype != torch.float32:
+            check_dtype(device, self.compute_dtype)
+        self.meta = store.read_json("meta.json")
+        self.args = ModelArgs(**self.meta["args"])
+        journal = store.read_journal()
+        self.step_count: int = journal["step"]
+        self.sweep: dict | None = journal.get("sweep")
+        versions = journal["versions"]
+        updated = set(self.backward_order()[: self.sweep["done"]] if self.sweep else [])
+        if any(versions[u] != self.step_count + (u in updated) for u in self.forward_order()):
+            raise SlowftError(f"{store.root / 'journal.json'}: unit versions disagree with step {self.step_count}; pass --reset-workdir")
+        store.collect_garbage(versions, {self.sweep["grad"]} if self.sweep else set())
+        self.unit_bytes = {u: store.unit_bytes(u, v) for u, v in versions.items()}
+        self.ram_budget = default_ram_budget(device) if ram_budget is None else int(ram_budget)
+        self.io = IOWorker(io_delay)
+        self.cache = UnitCache(store, self.io, device, versions, self.unit_bytes, self.ram_budget, io_depth)
+        self.inputs = SavedInputs(store, self.io, device, 0)
+        self._block = TransformerBlock(self.args).to("meta")
+        self._head = Head(self.args).to("meta")
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grad_file: str | None = self.sweep["grad"] if self.sweep else None
+        self.stop_requested = False  # set from a signal handler; honoured between units
+        self.sync_every_s = train.SYNC_EVERY_S
+        self.last_sync = time.monotonic()
+
+    # -- layout
+
+    @property
+    def layer_units(self) -> list[str]:
+        return [f"layers.{i}" for i in range(self.args.n_layers)]
+
+    def forward_order(self) -> list[str]:
+        return ["tok_embeddings", *self.layer_units, "head"]
+
+    def backward_order(self) -> list[str]:
+        return ["head", *reversed(self.layer_units), "tok_embeddings"]
+
+    def n_params(self) -> int:
+        return sum(torch.Size(s).numel() for s in expected_shapes(self.args, with_extras=False).values())
+
+    def configure_memory(self, x_bytes: int) -> None:
+        """Splits the RAM budget: all units if they fit (no unit I/O at all), then saved inputs."""
+        units = sum(self.unit_bytes.values())
+        inputs = x_bytes * self.args.n_layers
+        if self.ram_budget >= units:
+            unit_budget, input_budget = self.ram_budget, max(0, self.ram_budget - units)
+        else:
+            input_budget = min(self.ram_budget, inputs)
+            unit_budget = self.ram_budget - input_budget
+        self.cache.set_budget(unit_budget)
+        self.inputs.budget = input_budget
+
+    def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] < start + T:
+            n = max(start + T, 256)
+            self._rope = precompute_rope(self.args.head_dim, n, self.args.rope_theta, self.device)
+        cos, sin = self._rope
+        return cos[start:start + T], sin[start:start + T]
+
+    # -- compute on one unit
+
+    def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.compute_dtype) for k, v in tensors.items() if not k.startswith("optim.")}
+
+    def embed_fn(self, w, tokens, drop=None):
+        h = F.embedding(tokens, w["weight"])
+        return h if drop is None else drop(h, "out")
+
+    def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None):
+        return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop})
+
+    def head_fn(self, w, h):
+        return functional_call(self._head, w, (h,))
+
+    def run_unit(self, unit: str, fn, *args, **kwargs):
+        w = self.cache.get(unit)
+        try:
+            return fn(self.weights(w), *args, **kwargs)
+        finally:
+            self.cache.release(unit)
+
+    # -- inference
+
+    @torch.no_grad()
+    def forward_cached(self, tokens: torch.Tensor, start_pos: int = 0, kv: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (float32, on the device); with ``kv`` it extends those caches."""
+        tokens = tokens.to(self.device)
+        self.cache.plan(self.forward_order())
+        rope = self.rope(tokens.shape[1], start_pos)
+        h = self.run_unit("tok_embeddings", self.embed_fn, tokens)
+        for i in range(self.args.n_layers):
+            h = self.run_unit(f"layers.{i}", self.block_fn, h, rope, start_pos, kv[i] if kv else None)
+        return self.run_unit("head", self.head_fn, h)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V], float32 on the cpu; one unit on the device at a time."""
+        return self.forward_cached(tokens).cpu()
+
+    def new_kv_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        a = self.args
+        return [KVCache(batch, max_len, a.kv_heads, a.head_dim, self.device, self.compute_dtype) for _ in range(a.n_layers)]
+
+    # -- training
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0) -> float:
+        """One fused forward, backward and update of every unit; returns the loss."""
+        return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed)
+
+    def sync(self) -> None:
+        """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
+        if self.cache.dirty:
+            self.cache.commit({"step": self.step_count, "sweep": None}, old_grad=self.grad_file)
+            self.grad_file = None
+        self.io.drain()
+        self.last_sync = time.monotonic()
+
+    # -- export
+
+    def save_llama2(self, out_dir, shards: int | None = None, dtype: str | None = None, progress: bool = True) -> Path:
+        """Writes the current weights in Meta's format (by default the source's shard count and dtype)."""
+        src = self.meta["source"]
+        out_dir = Path(out_dir).expanduser().resolve()
+        if _inside(out_dir, src["path"]):
+            raise SlowftError(f"--out {out_dir}: is inside the source model folder {src['path']}; expected a folder elsewhere")
+        if _inside(out_dir, self.store.root):
+            raise SlowftError(f"--out {out_dir}: is inside the work dir {self.store.root}; expected a folder elsewhere")
+        shards = shards or src["shards"]
+        dtype_name = dtype or src["dtype"]
+        if dtype_name not in DTYPE_NAMES:
+            raise SlowftError(f"--export-dtype {dtype_name}: expected one of {', '.join(DTYPE_NAMES)}")
+        out_dtype = DTYPE_NAMES[dtype_name]
+        extras = self.store.read_extras()
+        shapes = expected_shapes(self.args, with_extras=False)
+        shapes.update({k: tuple(v.shape) for k, v in extras.items()})
+        need = sum(torch.Size(s).numel() for s in shapes.values()) * out_dtype.itemsize
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = psutil.disk_usage(str(out_dir.parent)).free
+        if need > free:
+            raise SlowftError(f"--out {out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
+        order = self.meta["source"]["unit_order"]
+        self.cache.plan(order)
+
+        def units():
+            for unit in order:
+                tensors = self.cache.get(unit)
+                try:
+                    yield unit, {k: v.cpu() for k, v in tensors.items()}
+                finally:
+                    self.cache.release(unit)
+
+        with tqdm(total=sum(self.unit_bytes.values()), desc="export", unit="B", unit_scale=True,
+                  leave=False, disable=not progress) as bar:
+            write_meta_checkpoint(
+                out_dir, units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
+                self.store.path("tokenizer.model"), shards, out_dtype, progress=lambda unit, n: bar.update(n),
+            )
+        return out_dir
+
+    def close(self) -> None:
+        try:
+            self.io.drain()
+        finally:
+            self.io.shutdown()
+            self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

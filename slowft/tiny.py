@@ -1,0 +1,116 @@
+"""Tiny random llama2 models in Meta's exact format, for the demo and the tests.
+
+``python -m slowft.tiny OUT [--dim --layers --heads --kv-heads --shards --vocab --ffn-mult ...]``
+writes params.json, consolidated.NN.pth (bf16, Meta's keys, order and sharding) and a
+sentencepiece tokenizer.model trained on the project's ``test_data/`` text (byte fallback; unk 0,
+bos 1, eos 2, as llama2's).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from .atomic import temp_name
+from .cli import run
+from .data import read_text, text_files
+from .errors import SlowftError
+from .loader import DTYPE_NAMES, expected_shapes, unit_of, write_meta_checkpoint
+from .model import ModelArgs, Transformer, rope_frequencies
+
+TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
+
+
+def train_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> int:
+    """Trains a llama2-style BPE sentencepiece model; returns its vocab size."""
+    lines = [line for f in text_files(corpus) for line in read_text(f).splitlines() if line.strip()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2,
+    )
+    out.write_bytes(buf.getvalue())
+    return spm.SentencePieceProcessor(model_file=str(out)).vocab_size()
+
+
+def meta_key_order(n_layers: int) -> list[str]:
+    """The order of keys in Meta's llama2 consolidated.NN.pth files."""
+    block = ["attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+             "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+             "attention_norm.weight", "ffn_norm.weight"]
+    keys = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    keys += [f"layers.{i}.{k}" for i in range(n_layers) for k in block]
+    return keys + ["rope.freqs"]
+
+
+def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
+              shards: int = 1, vocab: int = 512, ffn_mult: float | None = None, multiple_of: int = 32,
+              rope_theta: float | None = None, seed: int = 0, dtype: str = "bfloat16", explicit_vocab: bool = False,
+              corpus: list[Path] | None = None) -> Path:
+    """Writes a random model; returns ``out``. ``explicit_vocab`` writes vocab_size instead of Meta's -1."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SlowftError(f"{out}: folder exists and is not empty; expected a new folder for the tiny model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok_path = temp_name(out.with_name(out.name + ".tokenizer.model"))
+    try:
+        n_words = train_tokenizer(corpus or [TEST_DATA], vocab, tok_path)
+        params = {"dim": dim, "multiple_of": multiple_of, "n_heads": heads, "n_layers": layers, "norm_eps": 1e-05,
+                  "vocab_size": n_words if explicit_vocab else -1}
+        if kv_heads and kv_heads != heads:
+            params["n_kv_heads"] = kv_heads
+        if ffn_mult is not None:
+            params["ffn_dim_multiplier"] = ffn_mult
+        if rope_theta is not None:
+            params["rope_theta"] = rope_theta
+        args = ModelArgs.from_params(params, vocab_size=n_words)
+        torch.manual_seed(seed)
+        model = Transformer(args)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+        units: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in model.state_dict().items():
+            unit, name = unit_of(key)
+            units.setdefault(unit, {})[name] = t
+        keys = meta_key_order(layers)
+        order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
+        write_meta_checkpoint(out, ((u, units[u]) for u in order), expected_shapes(args), keys,
+                              {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta)},
+                              json.dumps(params).encode(), tok_path, shards, DTYPE_NAMES[dtype])
+    finally:
+        tok_path.unlink(missing_ok=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m slowft.tiny", description="Write a tiny random llama2 model in Meta's format.")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--ffn-mult", type=float, default=None)
+    ap.add_argument("--multiple-of", type=int, default=32)
+    ap.add_argument("--rope-theta", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16")
+    ap.add_argument("--corpus", type=Path, nargs="+", default=None, help="text to train the tokenizer on (default: test_data/)")
+    a = ap.parse_args()
+    make_tiny(a.out, a.dim, a.layers, a.heads, a.kv_heads, a.shards, a.vocab, a.ffn_mult, a.multiple_of,
+              a.rope_theta, a.seed, a.dtype, corpus=a.corpus)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
