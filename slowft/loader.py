@@ -222,7 +222,9 @@ class MetaSource:
         return order
 
     def read_units(self, storage_dtype: torch.dtype, skip: set[str] = frozenset()) -> Iterable[tuple[str, dict]]:
-        """Yields (unit, tensors) in file order; each unit re-maps the shards so RSS stays near one unit."""
+        """Yields (unit, tensors) in file order. Each shard is mapped for one unit at a time and its
+        slices are copied straight into the full tensors, so RSS stays near one unit."""
+        shapes = expected_shapes(self.args)
         keys_of: dict[str, list[str]] = {}
         for key in self.key_order:
             unit, _ = unit_of(key)
@@ -231,14 +233,19 @@ class MetaSource:
         for unit in self.units_in_file_order():
             if unit in skip:
                 continue
-            maps = [_load_shard(p) for p in self.shards]
-            tensors = {}
-            for key in keys_of[unit]:
-                dim = split_dim(key)
-                full = maps[0][key] if dim is None else torch.cat([m[key] for m in maps], dim=dim)
-                tensors[unit_of(key)[1]] = full.to(storage_dtype, copy=True)
-            del maps, full
-            yield unit, tensors
+            full = {key: torch.empty(shapes[key], dtype=storage_dtype) for key in keys_of[unit]}
+            for k, path in enumerate(self.shards):
+                mapped = _load_shard(path)
+                for key, dest in full.items():
+                    piece, dim = mapped[key], split_dim(key)
+                    if dim is None:
+                        if k == 0:
+                            dest.copy_(piece)
+                    else:
+                        dest.narrow(dim, k * piece.shape[dim], piece.shape[dim]).copy_(piece)
+                del mapped, piece
+            yield unit, {unit_of(key)[1]: t for key, t in full.items()}
+            del full
 
     def read_extras(self) -> dict[str, torch.Tensor]:
         sd = _load_shard(self.shards[0])
@@ -328,6 +335,7 @@ def write_meta_checkpoint(
                         pos += os.pwrite(fd, data[pos : pos + (1 << 30)], offsets[k][key] + pos)
 
             for unit, tensors in units:
+                faults.hit("export_unit")
                 for name, t in tensors.items():
                     if not name.startswith("optim."):
                         put(meta_key(unit, name), t)
@@ -357,13 +365,14 @@ def write_meta_checkpoint(
 
 # ----------------------------------------------------------------------------- import into the store
 
-def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, progress: bool = True) -> None:
-    """Reshards ``src`` into the store's units (version 0); continues an interrupted import."""
+def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, progress: bool = True,
+                 run: dict | None = None) -> None:
+    """Reshards ``src`` into the store's units (version 0); continues an interrupted import.
+
+    ``run`` (a training run's settings) is recorded first, so a run killed during its import
+    is still recognised as that run."""
     meta = store.read_json("meta.json")
-    if meta and meta.get("imported") and not meta.get("run"):
-        return
-    if meta is None or meta.get("run"):
-        store.reset()
+    if meta is None:
         meta = {
             "format": FORMAT,
             "source": {
@@ -373,9 +382,14 @@ def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, prog
             "args": asdict(src.args),
             "storage_dtype": dtype_name(storage_dtype),
             "imported": False,
-            "run": None,
+            "run": run,
         }
         store.write_json("meta.json", meta)
+    elif run is not None and meta.get("run") is None:
+        meta["run"] = run
+        store.write_json("meta.json", meta)
+    if meta["imported"]:
+        return
     shapes = expected_shapes(src.args, with_extras=False)
     unit_size: dict[str, int] = {}
     for key, shape in shapes.items():

@@ -25,13 +25,14 @@ from .store import Store
 class IOWorker:
     """The one disk thread. After a task fails, every later task fails too (nothing half-ordered)."""
 
-    def __init__(self, delay: float = 0.0):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-io")
+    def __init__(self, delay: float = 0.0, synchronous: bool = False):
+        self._pool = None if synchronous else ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-io")
         self._failed: BaseException | None = None
         self._pending: collections.deque[Future] = collections.deque()
         self.delay = delay  # artificial latency before each write (tests: stale reads must not happen)
 
     def submit(self, fn, *args, write: bool = False) -> Future:
+        """Queues ``fn(*args)``; synchronous mode runs it now (the reference the overlap is checked against)."""
         def run():
             if self._failed is not None:
                 raise RuntimeError("skipped after an earlier I/O error")
@@ -45,6 +46,13 @@ class IOWorker:
 
         while self._pending and self._pending[0].done():
             self._pending.popleft()
+        if self._pool is None:
+            fut = Future()
+            try:
+                fut.set_result(run())
+            except BaseException as e:
+                fut.set_exception(e)
+            return fut
         fut = self._pool.submit(run)
         self._pending.append(fut)
         return fut
@@ -61,7 +69,8 @@ class IOWorker:
         self.check()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

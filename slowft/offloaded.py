@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import train
 from .errors import SlowftError
-from .loader import DTYPE_NAMES, MetaSource, expected_shapes, import_model, write_meta_checkpoint
+from .loader import DTYPE_NAMES, MetaSource, expected_shapes, import_model, meta_key, write_meta_checkpoint
 from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
 from .offload import IOWorker, SavedInputs, UnitCache
 from .store import FORMAT, Store
@@ -108,6 +108,7 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
             )
         if run:
             print(f"slowft: {store.root} holds fine-tuned weights; re-importing the originals from {src.path}")
+            store.reset()
         import_model(src, store, DTYPE_NAMES[storage_dtype], progress=progress)
         return OffloadedModel(store, dev, compute_dtype, ram_budget)
     except BaseException:
@@ -117,7 +118,7 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
 
 class OffloadedModel:
     def __init__(self, store: Store, device: torch.device, compute_dtype: str = "float32",
-                 ram_budget: int | None = None, io_depth: int = 1, io_delay: float = 0.0):
+                 ram_budget: int | None = None, io_depth: int = 1, io: IOWorker | None = None):
         self.store, self.device = store, device
         if compute_dtype not in DTYPE_NAMES:
             raise SlowftError(f"--compute-dtype {compute_dtype}: expected one of {', '.join(DTYPE_NAMES)}")
@@ -136,7 +137,7 @@ class OffloadedModel:
         store.collect_garbage(versions, {self.sweep["grad"]} if self.sweep else set())
         self.unit_bytes = {u: store.unit_bytes(u, v) for u, v in versions.items()}
         self.ram_budget = default_ram_budget(device) if ram_budget is None else int(ram_budget)
-        self.io = IOWorker(io_delay)
+        self.io = io or IOWorker()
         self.cache = UnitCache(store, self.io, device, versions, self.unit_bytes, self.ram_budget, io_depth)
         self.inputs = SavedInputs(store, self.io, device, 0)
         self._block = TransformerBlock(self.args).to("meta")
@@ -240,6 +241,24 @@ class OffloadedModel:
 
     # -- export
 
+    def units(self):
+        """(unit, tensors on the cpu) in the source's file order: the current weights, resident or not."""
+        order = self.meta["source"]["unit_order"]
+        self.cache.plan(order)
+        for unit in order:
+            tensors = self.cache.get(unit)
+            try:
+                yield unit, {k: v.cpu() for k, v in tensors.items()}
+            finally:
+                self.cache.release(unit)
+
+    def named_tensors(self):
+        """(Meta key, tensor) for every trained tensor, e.g. to compare against a reference."""
+        for unit, tensors in self.units():
+            for name, t in tensors.items():
+                if not name.startswith("optim."):
+                    yield meta_key(unit, name), t
+
     def save_llama2(self, out_dir, shards: int | None = None, dtype: str | None = None, progress: bool = True) -> Path:
         """Writes the current weights in Meta's format (by default the source's shard count and dtype)."""
         src = self.meta["source"]
@@ -261,21 +280,10 @@ class OffloadedModel:
         free = psutil.disk_usage(str(out_dir.parent)).free
         if need > free:
             raise SlowftError(f"--out {out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
-        order = self.meta["source"]["unit_order"]
-        self.cache.plan(order)
-
-        def units():
-            for unit in order:
-                tensors = self.cache.get(unit)
-                try:
-                    yield unit, {k: v.cpu() for k, v in tensors.items()}
-                finally:
-                    self.cache.release(unit)
-
         with tqdm(total=sum(self.unit_bytes.values()), desc="export", unit="B", unit_scale=True,
                   leave=False, disable=not progress) as bar:
             write_meta_checkpoint(
-                out_dir, units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
+                out_dir, self.units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
                 self.store.path("tokenizer.model"), shards, out_dtype, progress=lambda unit, n: bar.update(n),
             )
         return out_dir

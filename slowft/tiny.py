@@ -52,9 +52,10 @@ def meta_key_order(n_layers: int) -> list[str]:
 
 def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
               shards: int = 1, vocab: int = 512, ffn_mult: float | None = None, multiple_of: int = 32,
-              rope_theta: float | None = None, seed: int = 0, dtype: str = "bfloat16", explicit_vocab: bool = False,
+              rope_theta: float | None = None, seed: int = 0, dtype: str = "bfloat16", params_vocab: int | None = None,
               corpus: list[Path] | None = None) -> Path:
-    """Writes a random model; returns ``out``. ``explicit_vocab`` writes vocab_size instead of Meta's -1."""
+    """Writes a random model; returns ``out``. ``params_vocab`` writes that vocab_size (>= the
+    tokenizer's, as CodeLlama's 32016) into params.json instead of Meta's -1."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SlowftError(f"{out}: folder exists and is not empty; expected a new folder for the tiny model")
@@ -63,13 +64,15 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
     try:
         n_words = train_tokenizer(corpus or [TEST_DATA], vocab, tok_path)
         params = {"dim": dim, "multiple_of": multiple_of, "n_heads": heads, "n_layers": layers, "norm_eps": 1e-05,
-                  "vocab_size": n_words if explicit_vocab else -1}
+                  "vocab_size": params_vocab or -1}
         if kv_heads and kv_heads != heads:
             params["n_kv_heads"] = kv_heads
         if ffn_mult is not None:
             params["ffn_dim_multiplier"] = ffn_mult
         if rope_theta is not None:
             params["rope_theta"] = rope_theta
+        if params_vocab and params_vocab < n_words:
+            raise SlowftError(f"--vocab {params_vocab}: below the tokenizer's {n_words} tokens")
         args = ModelArgs.from_params(params, vocab_size=n_words)
         torch.manual_seed(seed)
         model = Transformer(args)

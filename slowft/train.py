@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .model import SeededDropout, cross_entropy
 
@@ -138,6 +139,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                     if model.stop_requested:
                         _stop(model, t, done, None, None, batch, len(bwd))
                     model.inputs.save(i, h)
+                    faults.hit("forward_block")
                     h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
                 if done > 0 and n_run < L:
                     model.inputs.save(n_run, h)
@@ -154,6 +156,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
             unit = bwd[k]
             if model.stop_requested:
                 _stop(model, t, k, g, loss, batch, len(bwd))
+            faults.hit("backward_unit")
             if unit == "head":
                 g, out = backward_unit(model, unit, lambda w, x: cross_entropy(model.head_fn(w, x), targets), h, None, optimizer, t + 1)
                 loss = out.item()

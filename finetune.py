@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Fine-tune every weight of a llama2 model that does not fit in memory.
+
+    python finetune.py path/to/llama-2-13b --data notes.txt     # your model, your text
+    python finetune.py --demo                                   # a tiny model made on the fly (~1 min)
+
+The recipe, top to bottom: check the command line (cheap checks first, so mistakes surface in
+the first second) -> open the work dir (import the model, or resume an unfinished run) -> train
+step by step, logging each step -> export the result in Meta's format to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import slowft
+from slowft.cli import parse_size, run
+from slowft.data import TokenData
+from slowft.errors import Interrupted, NonFiniteError, SlowftError
+from slowft.generate import generate
+from slowft.loader import DTYPE_NAMES, MetaSource, import_model
+from slowft.offloaded import OffloadedModel, cache_root, open_workdir, pick_device
+from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
+from slowft.tiny import TEST_DATA, make_tiny
+from slowft.tokenizer import Tokenizer
+
+# Settings that change the numbers: an unfinished run resumes only with the same values.
+RUN_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
+                "weight_decay", "dropout", "seed", "compute_dtype")
+DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
+DEMO_PROMPT = "The keeper of the north light"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.")
+    ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
+    ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
+    ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")
+    ap.add_argument("--out", type=Path, help="run folder: model/ (the export), metrics.jsonl, checkpoints/ (default: out/<model>)")
+    ap.add_argument("--workdir", type=Path, help="where the blocks live while training (default: ~/.cache/slowft/...)")
+    ap.add_argument("--reset-workdir", action="store_true", help="discard the work dir's contents and start over")
+    ap.add_argument("--resume", action="store_true", help="continue the unfinished run in the work dir")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 for adalite, 1e-3 for sgd")
+    ap.add_argument("--optimizer", choices=["adalite", "sgd"], default="adalite")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="sgd only")
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--min-lr", type=float, default=0.0)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (mps > cuda > cpu), mps, cuda, cpu")
+    ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--ram-budget", type=parse_size, default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
+    ap.add_argument("--prompt", help="print this prompt's continuation before and after training")
+    ap.add_argument("--eval-every", type=int, default=0, help="also print it every N steps")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--save-every", type=int, default=0, help="export a checkpoint to <out>/checkpoints every N steps")
+    ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
+    ap.add_argument("--export-shards", type=int, default=None, help="default: the source's shard count")
+    a = ap.parse_args(argv)
+    a.demo = a.demo or a.model is None
+    if a.demo:
+        demo_defaults(a, argv if argv is not None else sys.argv[1:])
+    if a.lr is None:
+        a.lr = 1e-4 if a.optimizer == "adalite" else 1e-3
+    for flag, value, ok, want in [
+        ("--steps", a.steps, a.steps > 0, "a positive integer"),
+        ("--batch-size", a.batch_size, a.batch_size > 0, "a positive integer"),
+        ("--seq-len", a.seq_len, a.seq_len > 0, "a positive integer"),
+        ("--lr", a.lr, a.lr > 0, "a positive number"),
+        ("--min-lr", a.min_lr, 0 <= a.min_lr <= a.lr, "a number in [0, --lr]"),
+        ("--warmup-steps", a.warmup_steps, 0 <= a.warmup_steps <= a.steps, "an integer in [0, --steps]"),
+        ("--weight-decay", a.weight_decay, a.weight_decay >= 0, "a number >= 0"),
+        ("--dropout", a.dropout, 0 <= a.dropout < 1, "a number in [0, 1)"),
+        ("--eval-every", a.eval_every, a.eval_every >= 0, "an integer >= 0"),
+        ("--save-every", a.save_every, a.save_every >= 0, "an integer >= 0"),
+        ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens > 0, "a positive integer"),
+        ("--export-shards", a.export_shards, a.export_shards is None or a.export_shards > 0, "a positive integer"),
+    ]:
+        if not ok:
+            raise SlowftError(f"{flag} {value}: expected {want}")
+    return a
+
+
+def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
+    """The embedded default: a tiny model (built once) and settings that visibly learn in well under a
+    minute; --ram-budget 0 sends every block through the work dir each step, as for a big model."""
+    given = {x.split("=")[0] for x in argv if x.startswith("--")}
+    a.model = a.model or cache_root() / "demo" / "tiny-llama2"
+    if not (a.model / "params.json").exists():
+        print(f"demo: building a tiny llama2 model in {a.model}")
+        make_tiny(a.model, **DEMO)
+    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--seq-len", 64), ("--lr", 5e-4), ("--min-lr", 1e-4),
+                        ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 20), ("--max-new-tokens", 24),
+                        ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
+        if flag not in given:
+            setattr(a, flag[2:].replace("-", "_"), value)
+
+
+class StepLog:
+    """One JSON line per step in <out>/metrics.jsonl, appended with a single write (a log, not state)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def gb(n: float) -> str:
+    """Bytes for people: 1.23 GB, 45.6 MB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def show_continuation(model, tok, prompt: str, n: int, label: str) -> None:
+    text = generate(model, tok, prompt, n)
+    print(f"[{label}] {prompt}{text}".rstrip())
+
+
+def resume_command() -> str:
+    args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    return "python " + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name] + args)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+
+    # 1. cheap checks: device, model folder, data, output folder
+    device = pick_device(a.device)
+    src = MetaSource.open(a.model)
+    if a.seq_len > src.args.max_seq_len:
+        raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
+    tok = Tokenizer(src.tokenizer)
+    data = TokenData.from_files(a.data, tok)
+    data.check(a.seq_len)
+    out = (a.out or Path("out") / src.path.name).expanduser().resolve()
+    if out == src.path or src.path in out.parents:
+        raise SlowftError(f"--out {out}: is inside the source model folder {src.path}; expected a folder elsewhere")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SlowftError(f"--out {out}: not writable ({e.strerror}); expected a writable folder") from None
+
+    # 2. the work dir: resume an unfinished run with the same settings, or import afresh
+    settings = {k: getattr(a, k) for k in RUN_SETTINGS}
+    settings["data"] = f"{len(data)} tokens, " + slowft.train.batch_id(data.tokens, data.tokens[:1])
+    store = open_workdir(src, a.workdir, a.storage_dtype, a.reset_workdir)
+    model = None
+    try:
+        meta = store.read_json("meta.json") or {}
+        previous = meta.get("run")
+        if previous and not previous.get("finished"):
+            for k in ["data", *RUN_SETTINGS]:
+                if previous["settings"].get(k) != settings[k]:
+                    raise SlowftError(
+                        f"{store.root}: holds an unfinished run with {k} = {previous['settings'].get(k)} (now {settings[k]}); "
+                        "repeat that run's command to resume it, or pass --reset-workdir to start over"
+                    )
+            print(f"resuming the unfinished run in {store.root}")
+        else:
+            if a.resume:
+                raise SlowftError(f"--resume: {store.root} holds no unfinished run; run without --resume to start one")
+            if previous:
+                print(f"{store.root} holds an earlier run's weights; re-importing the originals")
+                store.reset()
+        import_model(src, store, DTYPE_NAMES[a.storage_dtype], run={"settings": settings, "finished": False})
+
+        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget)
+        print(plan_summary(model, a, out))
+        check_disk(model, a, out)
+        return train(model, a, tok, data, out)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SlowftError(
+            f"{store.root}: disk full while writing; nothing was lost. Free some space, then run: {resume_command()}"
+        ) from None
+    finally:
+        if model is not None:
+            try:
+                model.close()
+            except OSError:
+                pass
+        store.close()
+
+
+def plan_summary(model: OffloadedModel, a, out: Path) -> str:
+    m, args = model, model.args
+    units = sum(m.unit_bytes.values())
+    x_bytes = a.batch_size * a.seq_len * args.dim * m.compute_dtype.itemsize
+    m.configure_memory(x_bytes)
+    resident = m.cache.resident
+    per_step = 0 if resident else units + x_bytes * (args.n_layers - m.inputs.budget // max(1, x_bytes))
+    mode = "all blocks resident in RAM" if resident else "streaming blocks from SSD"
+    return "\n".join([
+        f"model   {m.meta['source']['path']}: {m.n_params() / 1e6:,.1f}M parameters, {args.n_layers} layers, dim {args.dim}",
+        f"workdir {m.store.root} ({gb(units)} of {m.meta['storage_dtype']} weights)",
+        f"memory  RAM budget {gb(m.ram_budget)}: {mode}; device {m.device}, compute {a.compute_dtype}",
+        f"train   {a.steps} steps x {a.batch_size} x {a.seq_len} tokens, {a.optimizer} lr {a.lr:g} ({a.schedule}), from step {m.step_count}",
+        f"SSD     writes ~{gb(per_step)} per step, ~{gb(per_step * max(0, a.steps - m.step_count))} for this run"
+        + (" (only at syncs and exports)" if resident else ""),
+        f"out     {out}",
+    ])
+
+
+def check_disk(model: OffloadedModel, a, out: Path) -> None:
+    """Training needs room for a few new block versions, spilled inputs and the export."""
+    args = model.args
+    export_bytes = model.n_params() * DTYPE_NAMES[a.export_dtype or model.meta["source"]["dtype"]].itemsize
+    x_bytes = a.batch_size * a.seq_len * args.dim * model.compute_dtype.itemsize
+    work_bytes = 0 if model.cache.resident else 6 * max(model.unit_bytes.values()) + 2 * args.n_layers * x_bytes
+    free_work, free_out = model.store.free_bytes(), os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+    same_disk = os.stat(out).st_dev == os.stat(model.store.root).st_dev
+    if same_disk and work_bytes + export_bytes > free_work:
+        raise SlowftError(f"{model.store.root}: training and export need {gb(work_bytes + export_bytes)}, only {gb(free_work)} free")
+    if not same_disk and (work_bytes > free_work or export_bytes > free_out):
+        raise SlowftError(f"disk space: work dir needs {gb(work_bytes)} ({gb(free_work)} free), --out needs {gb(export_bytes)} ({gb(free_out)} free)")
+
+
+def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path) -> int:
+    schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
+    optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
+    log = StepLog(out / "metrics.jsonl")
+
+    def on_signal(signum, frame):
+        if model.stop_requested:
+            raise KeyboardInterrupt
+        model.stop_requested = True
+        print("\nstopping after the block in hand (Ctrl-C again to abort at once)...", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if a.prompt and model.step_count == 0:
+            show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
+        started, first_loss, loss = time.perf_counter(), None, None
+        io_start = model.store.stats.snapshot()
+        for step in range(model.step_count, a.steps):
+            optimizer.lr = schedule(step)
+            tokens, targets = data.batch(step, a.batch_size, a.seq_len, a.seed)
+            io_before, t0 = model.store.stats.snapshot(), time.perf_counter()
+            loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed)
+            dt = time.perf_counter() - t0
+            io = model.store.stats.delta(model.store.stats.snapshot(), io_before)
+            first_loss = loss if first_loss is None else first_loss
+            read, written = sum(io["read"].values()), sum(io["written"].values())
+            print(f"step {step + 1:>5}/{a.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}  "
+                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s  read {gb(read)}  wrote {gb(written)}", flush=True)
+            log.write({"step": step + 1, "loss": loss, "lr": optimizer.lr, "tokens_per_s": tokens.numel() / dt,
+                       "step_s": dt, "read_bytes": io["read"], "written_bytes": io["written"]})
+            if a.prompt and a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+                show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {step + 1}")
+            if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:
+                save_checkpoint(model, a, out, step + 1)
+            if model.stop_requested:
+                model.sync()
+                raise Interrupted(f"stopped after step {step + 1}")
+        model.sync()
+        if a.prompt:
+            show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
+        final = model.save_llama2(out / "model", a.export_shards, a.export_dtype)
+        meta = model.store.read_json("meta.json")
+        meta["run"]["finished"] = True
+        model.store.write_json("meta.json", meta)
+    except Interrupted as e:
+        print(f"{e}; the work dir is consistent. Resume with:\n  {resume_command()}", file=sys.stderr)
+        return 130
+    except NonFiniteError as e:
+        print(f"error: {e}. The work dir keeps the last good weights.", file=sys.stderr)
+        return 3
+    total = model.store.stats.delta(model.store.stats.snapshot(), io_start)
+    took = time.perf_counter() - started
+    if loss is not None:
+        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s; SSD read {gb(sum(total['read'].values()))}, "
+              f"wrote {gb(sum(total['written'].values()))}")
+    print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
+    return 0
+
+
+def save_checkpoint(model: OffloadedModel, a, out: Path, step: int) -> None:
+    """Keeps only the newest checkpoint: each is as large as the model."""
+    root = out / "checkpoints"
+    path = model.save_llama2(root / f"step-{step:06d}", a.export_shards, a.export_dtype)
+    for old in root.glob("step-*"):
+        if old != path and old.is_dir():
+            shutil.rmtree(old)
+    print(f"checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    run(main)
