@@ -2,6 +2,7 @@
 
 Layout (``<workdir>/``)::
 
+    SLOWFT_WORKDIR       marks the folder as ours (a folder without it is never written to)
     lock                 held (flock) while a process uses the work dir
     meta.json            where the weights came from, the model's shape, the training run's settings
     journal.json         which version of every unit is durable, and how far an unfinished step got
@@ -17,6 +18,7 @@ into one buffer per unit (no second copy, the GIL released while reading).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -34,6 +36,7 @@ from .atomic import fsync_dir, write_atomic, write_bytes_atomic
 from .errors import SlowftError
 
 FORMAT = 1
+MARKER = "SLOWFT_WORKDIR"
 _DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
     torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
@@ -147,13 +150,14 @@ class Store:
         except OSError as e:
             raise SlowftError(f"{self.root}: cannot create the work dir ({e.strerror}); pass a writable --workdir") from None
         entries = {p.name for p in self.root.iterdir()}
-        if entries - {"lock"} and "meta.json" not in entries:
+        if entries and MARKER not in entries:  # never write into (or reset) a folder of the user's
             raise SlowftError(
                 f"{self.root}: folder is not empty and is not a slowft work dir; expected an empty or slowft work dir"
             )
         if not os.access(self.root, os.W_OK):
             raise SlowftError(f"{self.root}: work dir is not writable; pass a writable --workdir")
-        import fcntl
+        if not entries:
+            write_bytes_atomic(self.root / MARKER, b"slowft work dir: safe to delete when no run is in progress\n")
 
         self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -173,7 +177,7 @@ class Store:
     def reset(self) -> None:
         """Removes everything slowft put here (the folder itself stays, locked)."""
         for p in self.root.iterdir():
-            if p.name == "lock":
+            if p.name in ("lock", MARKER):
                 continue
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         for sub in ("units", "scratch"):

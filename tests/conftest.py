@@ -69,12 +69,13 @@ def _vm_hwm():
             return int(line.split()[1]) * 1024
 
 def measure_peak(fn):
-    """Peak RSS growth while fn() runs, in bytes (kernel high-water mark, else 1 ms sampling)."""
+    """(growth, peak): peak RSS while fn() runs, and its growth over the RSS before, in bytes
+    (the kernel's high-water mark where it can be reset, else 1 ms sampling)."""
     proc = psutil.Process()
     base = proc.memory_info().rss
     if _reset_peak():
         fn()
-        return _vm_hwm() - base
+        return _vm_hwm() - base, _vm_hwm()
     peak, done = [base], threading.Event()
     def sample():
         while not done.is_set():
@@ -85,5 +86,5 @@ def measure_peak(fn):
         fn()
     finally:
         done.set(); t.join()
-    return peak[0] - base
+    return peak[0] - base, peak[0]
 '''

@@ -93,7 +93,7 @@ def test_import_peak_rss_stays_near_one_block(tiny, tmp_path):
         from slowft.store import Store
         src = MetaSource.open({str(src)!r})
         store = Store({str(tmp_path / 'w')!r})
-        print(measure_peak(lambda: import_model(src, store, torch.float32, progress=False)))
+        print(measure_peak(lambda: import_model(src, store, torch.float32, progress=False))[0])
     """)
     r = run_script("-c", code)
     assert r.returncode == 0, r.stderr
