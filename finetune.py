@@ -257,6 +257,9 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path) 
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
         started, first_loss, loss = time.perf_counter(), None, None
         io_start = model.store.stats.snapshot()
+        done = model.step_count
+        if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
+            save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
         for step in range(model.step_count, a.steps):
             optimizer.lr = schedule(step)
             tokens, targets = data.batch(step, a.batch_size, a.seq_len, a.seed)

@@ -1,7 +1,8 @@
 """Fault injection for the crash and disk-full tests.
 
-``SLOWFT_FAULT=point:n:action`` makes the n-th (1-based) ``hit(point)`` of this process either
-SIGKILL the process (``kill``) or raise ENOSPC (``enospc``). Unset, ``hit`` is a dict lookup.
+``SLOWFT_FAULT=point:n:action`` makes the n-th (1-based) ``hit(point)`` of this process
+SIGKILL the process (``kill``), send it SIGINT as Ctrl-C would (``sigint``) or raise ENOSPC
+(``enospc``). Unset, ``hit`` is a string comparison.
 """
 from __future__ import annotations
 
@@ -22,5 +23,7 @@ def hit(point: str) -> None:
         return
     if _action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if _action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
     if _action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -311,6 +311,9 @@ def write_meta_checkpoint(
         if dim is not None and shapes[key][dim] % shards:
             raise SlowftError(f"--shards {shards}: {key} of shape {list(shapes[key])} does not split into {shards} equal parts on dim {dim}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by an export that was killed
+        if stale.is_dir() and (stale.name.endswith(".tmp") or ".old-" in stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_name(out_dir)
     tmp.mkdir()
     try:
@@ -401,7 +404,7 @@ def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, prog
     if need > free:
         raise SlowftError(f"{store.root}: import needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; free space or pass another --workdir")
     with tqdm(total=sum(unit_size.values()), initial=sum(unit_size[u] for u in done), unit="B", unit_scale=True,
-              desc=f"import {src.path.name}", disable=not progress) as bar:
+              desc=f"import {src.path.name}", disable=None if progress else True) as bar:
         for unit, tensors in src.read_units(storage_dtype, skip=done):
             faults.hit("import_unit")
             store.write_unit(unit, 0, tensors)

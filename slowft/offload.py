@@ -34,8 +34,8 @@ class IOWorker:
     def submit(self, fn, *args, write: bool = False) -> Future:
         """Queues ``fn(*args)``; synchronous mode runs it now (the reference the overlap is checked against)."""
         def run():
-            if self._failed is not None:
-                raise RuntimeError("skipped after an earlier I/O error")
+            if self._failed is not None:  # the original error (e.g. ENOSPC), for whoever waits on this
+                raise self._failed
             if write and self.delay:
                 threading.Event().wait(self.delay)
             try:

@@ -231,11 +231,18 @@ class OffloadedModel:
         """One fused forward, backward and update of every unit; returns the loss."""
         return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed)
 
+    def commit(self, sweep: dict | None = None, grad: torch.Tensor | None = None) -> None:
+        """Queues a journal commit of the current state: at a step boundary (``sweep`` None) or
+        part-way through the step's backward, with the gradient flowing into the next unit."""
+        name = sweep["grad"] if sweep else None
+        self.cache.commit({"step": self.step_count, "sweep": sweep}, grad=(name, grad) if sweep else None,
+                          old_grad=self.grad_file if self.grad_file != name else None)
+        self.grad_file, self.sweep = name, sweep
+
     def sync(self) -> None:
         """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
         if self.cache.dirty:
-            self.cache.commit({"step": self.step_count, "sweep": None}, old_grad=self.grad_file)
-            self.grad_file = None
+            self.commit()
         self.io.drain()
         self.last_sync = time.monotonic()
 
@@ -281,7 +288,7 @@ class OffloadedModel:
         if need > free:
             raise SlowftError(f"--out {out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
         with tqdm(total=sum(self.unit_bytes.values()), desc="export", unit="B", unit_scale=True,
-                  leave=False, disable=not progress) as bar:
+                  leave=False, disable=None if progress else True) as bar:
             write_meta_checkpoint(
                 out_dir, self.units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
                 self.store.path("tokenizer.model"), shards, out_dtype, progress=lambda unit, n: bar.update(n),

@@ -265,7 +265,8 @@ class Store:
 
     def write_scratch(self, name: str, tensor: torch.Tensor, category: str) -> int:
         t0 = time.perf_counter()
-        n = write_atomic(self.root / "scratch" / f"{name}.safetensors", lambda f: write_safetensors(f, {"x": tensor}))
+        n = write_atomic(self.root / "scratch" / f"{name}.safetensors", lambda f: write_safetensors(f, {"x": tensor}),
+                         "scratch_write_data")
         self.stats.add("written", category, n, time.perf_counter() - t0)
         return n
 

@@ -84,21 +84,18 @@ def _commit_every(model, x_bytes: int) -> int | None:
 
 
 def _commit_mid_step(model, t: int, done: int, g: torch.Tensor, loss: float, batch: str) -> None:
-    name = f"grad.s{t:06d}.u{done:03d}"
-    sweep = {"done": done, "grad": name, "loss": loss, "batch": batch}
-    model.cache.commit({"step": t, "sweep": sweep}, grad=(name, g), old_grad=model.grad_file)
-    model.grad_file, model.sweep = name, sweep
+    model.commit({"done": done, "grad": f"grad.s{t:06d}.u{done:03d}", "loss": loss, "batch": batch}, g)
 
 
 def _stop(model, t: int, done: int, g, loss, batch: str, total: int):
     """Ctrl-C: make the work dir consistent with what is in memory, then raise Interrupted."""
     if done == 0:
         if model.cache.dirty:
-            model.cache.commit({"step": t, "sweep": model.sweep})
+            model.commit(model.sweep, None)
     elif model.sweep is None or model.sweep["done"] != done:
         _commit_mid_step(model, t, done, g, loss, batch)
     model.io.drain()
-    raise Interrupted(f"stopped at step {t} with {done}/{total} units updated")
+    raise Interrupted(f"stopped at step {t + 1} with {done} of {total} units updated")
 
 
 def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0) -> float:
@@ -179,8 +176,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
     model.step_count, model.sweep = t + 1, None
     model.inputs.clear()
     if not cache.resident or time.monotonic() - model.last_sync >= model.sync_every_s:
-        cache.commit({"step": t + 1, "sweep": None}, old_grad=model.grad_file)
-        model.grad_file = None
+        model.commit()
         if cache.resident:
             model.last_sync = time.monotonic()
     return float(loss)

@@ -1,0 +1,38 @@
+"""End to end, as a user runs it: finetune.py on a tiny model, then test_gen.py on the export."""
+import json
+import re
+
+import slowft
+from conftest import run_script, tree_hash
+
+PROMPT = "The keeper of the north light"
+
+
+def learned(continuation: str) -> bool:
+    """The corpus continues the prompt with "climbed the hundred steps every evening at dusk"."""
+    return re.sub(r"\s+", " ", continuation).strip().startswith("climbed the")
+
+
+def test_finetune_learns_and_exports(tiny, tmp_path):
+    src = tiny(dim=128, layers=4, heads=4, kv_heads=2, shards=2)
+    before = tree_hash(src)
+    out = tmp_path / "run"
+    r = run_script("finetune.py", src, "--steps", 30, "--batch-size", 16, "--seq-len", 64, "--lr", 5e-4,
+                   "--schedule", "constant", "--device", "cpu", "--ram-budget", 0, "--out", out,
+                   "--workdir", tmp_path / "w", "--prompt", PROMPT, "--max-new-tokens", 16)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 31))
+    assert steps[-1]["loss"] <= steps[0]["loss"] / 2
+    assert all(s["written_bytes"]["weights"] > 0 for s in steps[1:])  # ram budget 0: every block via the disk
+    assert tree_hash(src) == before  # nothing written in the source folder
+    before_line = next(line for line in r.stdout.splitlines() if line.startswith("[before]"))
+    assert not learned(before_line[len("[before] ") + len(PROMPT):])  # a random model knows no phrase of the corpus
+
+    with slowft.load(out / "model", workdir=tmp_path / "w2", device="cpu", progress=False) as model:
+        assert model.args.n_layers == 4 and model.meta["source"]["shards"] == 2
+
+    g = run_script("test_gen.py", out / "model", "cpu", "--prompt", PROMPT, "--max-new-tokens", 16)
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith(PROMPT)
+    assert learned(g.stdout[len(PROMPT):]), g.stdout

@@ -1,0 +1,113 @@
+"""Overnight safety: a run killed at any moment resumes to bit-identical weights.
+
+Each crash is a real SIGKILL of the training process, fired from inside it at the n-th pass
+through a named point (slowft.faults), so every phase is hit deterministically: import, the
+forward, the backward between unit updates, a unit's file write, the journal, the export.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import run_script, tree_hash
+from slowft.store import read_safetensors
+from test_loader import bits
+
+TRAIN = ["--steps", 8, "--batch-size", 2, "--seq-len", 16, "--optimizer", "adalite", "--lr", 1e-3,
+         "--dropout", 0.1, "--seed", 5, "--device", "cpu", "--save-every", 3]
+
+
+@pytest.fixture(scope="module")
+def src(tiny):
+    return tiny(dim=64, layers=3, heads=4, kv_heads=2, shards=2)
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    """The uninterrupted run's export."""
+    d = tmp_path_factory.mktemp("ref")
+    r = run_script("finetune.py", src, *TRAIN, "--ram-budget", 0, "--out", d / "out", "--workdir", d / "w")
+    assert r.returncode == 0, r.stderr
+    return bits(d / "out" / "model")
+
+
+def crash_chain(src, tmp_path, faults, budget):
+    """Runs the same command once per fault (each killed there, then resumed), then to the end."""
+    args = [src, *TRAIN, "--ram-budget", budget, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    for i, fault in enumerate(faults):
+        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
+        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    r = run_script("finetune.py", *args)  # no --resume: an unfinished run is detected and continued
+    assert r.returncode == 0, r.stderr
+    assert "resuming the unfinished run" in r.stdout
+    return r
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(src, reference, tmp_path):
+    before = tree_hash(src)
+    faults = [
+        "import_unit:3:kill",          # importing: 2 of 5 units written
+        "forward_block:2:kill",        # forward of step 1
+        "backward_unit:3:kill",        # backward, 2 units of step 1 updated
+        "unit_write_data:2:kill",      # a unit's new file written, not yet renamed
+        "journal:2:kill",              # about to commit the journal
+        "scratch_write_data:4:kill",   # spilling a saved input
+        "backward_unit:7:kill",        # mid-sweep in a later step
+        "unit_write:5:kill",           # between two unit writes
+        "export_unit:2:kill",          # inside a checkpoint export
+        "forward_block:5:kill",
+        "export_unit:4:kill",          # inside the final export
+    ]
+    crash_chain(src, tmp_path, faults, budget=0)
+    assert bits(tmp_path / "out" / "model") == reference
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temp folders left
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000006"]
+    assert tree_hash(src) == before
+    leftovers = [p.name for p in (tmp_path / "w" / "units").iterdir() if not p.name.endswith(".v000008.safetensors")]
+    assert not leftovers and not list((tmp_path / "w" / "scratch").iterdir())
+
+
+def test_sigkill_with_everything_resident_is_bit_identical(src, reference, tmp_path):
+    crash_chain(src, tmp_path, ["backward_unit:9:kill", "export_unit:3:kill"], budget="1G")
+    assert bits(tmp_path / "out" / "model") == reference
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(src, reference, tmp_path):
+    args = [src, *TRAIN, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    r = run_script("finetune.py", *args, env={"SLOWFT_FAULT": "backward_unit:8:sigint"})
+    assert r.returncode == 130, r.stderr
+    assert "stopped at step 2 with 3 of 5 units updated" in r.stderr and "--resume" in r.stderr
+    assert "Traceback" not in r.stderr
+    journal = json.loads((tmp_path / "w" / "journal.json").read_text())
+    assert journal["step"] == 1 and journal["sweep"]["done"] == 3  # the block in hand was finished and committed
+    r = run_script("finetune.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == reference
+
+
+def test_disk_full_during_block_write(src, reference, tmp_path):
+    args = [src, *TRAIN, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    r = run_script("finetune.py", *args, env={"SLOWFT_FAULT": "unit_write_data:7:enospc"})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "disk full" in lines[0] and "--resume" in lines[0], r.stderr
+    assert not list((tmp_path / "w" / "units").glob(".*.tmp"))  # no half-written file left
+    journal = json.loads((tmp_path / "w" / "journal.json").read_text())
+    for unit, version in journal["versions"].items():  # the journal names complete files
+        assert (tmp_path / "w" / "units" / f"{unit}.v{version:06d}.safetensors").is_file()
+    r = run_script("finetune.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == reference
+
+
+def test_nan_loss_stops_before_any_write(src, tmp_path):
+    args = [src, "--steps", 3, "--batch-size", 2, "--seq-len", 16, "--optimizer", "sgd", "--lr", 1e30,
+            "--device", "cpu", "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Try a lower --lr" in r.stderr and "Traceback" not in r.stderr
+    journal = json.loads((tmp_path / "w" / "journal.json").read_text())
+    assert journal["step"] == 1  # step 1's (finite) update is kept; step 2 wrote nothing
+    for unit, version in journal["versions"].items():
+        tensors, _ = read_safetensors(tmp_path / "w" / "units" / f"{unit}.v{version:06d}.safetensors")
+        assert all(torch.isfinite(t).all() for t in tensors.values()), unit
