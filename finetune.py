@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import slowft
-from slowft.cli import parse_size, run
+from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
@@ -40,7 +40,7 @@ DEMO_PROMPT = "The keeper of the north light"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.")
+    ap = ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.")
     ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
     ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")

@@ -9,19 +9,18 @@ and on a folder that finetune.py exported. Greedy unless --temperature is above 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import slowft
-from slowft.cli import parse_size, run
+from slowft.cli import ArgumentParser, parse_size, run
 from slowft.errors import SlowftError
 
 DEFAULT_PROMPT = "The keeper of the north light"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Continue a prompt with a llama2 model whose blocks stay on SSD.")
+    ap = ArgumentParser(description="Continue a prompt with a llama2 model whose blocks stay on SSD.")
     ap.add_argument("model", type=Path, help="Meta llama2 folder or a finetune.py export")
     ap.add_argument("device", nargs="?", default="auto", help="auto (mps > cuda > cpu), mps, cuda, cpu")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)

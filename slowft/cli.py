@@ -1,9 +1,17 @@
 """Entry-point plumbing: user errors become one line on stderr and exit status 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .errors import SlowftError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message):
+        raise SlowftError(message)
 
 
 def run(main) -> None:

@@ -176,10 +176,12 @@ class MetaSource:
         wq = first.get("layers.0.attention.wq.weight")
         if wq is None or "tok_embeddings.weight" not in first:
             raise SlowftError(f"{self.shards[0]}: expected llama2 keys (tok_embeddings.weight, layers.0.attention.wq.weight, ...)")
-        if wq.shape[0] * n != self.args.n_heads * self.args.head_dim:
-            parts = (self.args.n_heads * self.args.head_dim) / wq.shape[0]
+        rows = self.args.n_heads * self.args.head_dim
+        if wq.shape[0] * n != rows:
             raise SlowftError(
-                f"{self.shards[0]}: holds 1/{parts:g} of wq per params.json, so {parts:g} shards were expected; found {n}"
+                f"{self.shards[0]}: layers.0.attention.wq.weight has {wq.shape[0]} rows, but params.json "
+                f"(dim {self.args.dim}) split over the {n} shard(s) found needs {rows / n:g}; "
+                "expected params.json and every consolidated.NN.pth of one checkpoint"
             )
         if self.args.vocab_size <= 0:
             self.args.vocab_size = first["output.weight"].shape[0] * n

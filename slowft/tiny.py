@@ -7,7 +7,6 @@ bos 1, eos 2, as llama2's).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from .atomic import temp_name
-from .cli import run
+from .cli import ArgumentParser, run
 from .data import read_text, text_files
 from .errors import SlowftError
 from .loader import DTYPE_NAMES, expected_shapes, unit_of, write_meta_checkpoint
@@ -94,7 +93,7 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m slowft.tiny", description="Write a tiny random llama2 model in Meta's format.")
+    ap = ArgumentParser(prog="python -m slowft.tiny", description="Write a tiny random llama2 model in Meta's format.")
     ap.add_argument("out", type=Path)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
