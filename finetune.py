@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--ram-budget", type=parse_size, default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
+    ap.add_argument("--io-depth", type=int, default=1, help="blocks read ahead (and writes pending) beside the one computing")
     ap.add_argument("--prompt", help="print this prompt's continuation before and after training")
     ap.add_argument("--eval-every", type=int, default=0, help="also print it every N steps")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--eval-every", a.eval_every, a.eval_every >= 0, "an integer >= 0"),
         ("--save-every", a.save_every, a.save_every >= 0, "an integer >= 0"),
         ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens > 0, "a positive integer"),
+        ("--io-depth", a.io_depth, 1 <= a.io_depth <= 8, "an integer from 1 to 8"),
         ("--export-shards", a.export_shards, a.export_shards is None or a.export_shards > 0, "a positive integer"),
     ]:
         if not ok:
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
                 store.reset()
         import_model(src, store, DTYPE_NAMES[a.storage_dtype], run={"settings": settings, "finished": False})
 
-        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget)
+        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget, a.io_depth)
         print(plan_summary(model, a, out))
         check_disk(model, a, out)
         return train(model, a, tok, data, out)
@@ -296,8 +298,9 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path) 
     total = model.store.stats.delta(model.store.stats.snapshot(), io_start)
     took = time.perf_counter() - started
     if loss is not None:
-        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s; SSD read {gb(sum(total['read'].values()))}, "
-              f"wrote {gb(sum(total['written'].values()))}")
+        read, written = sum(total["read"].values()), sum(total["written"].values())
+        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s; SSD read {gb(read)} ({gb(read / took)}/s), "
+              f"wrote {gb(written)} ({gb(written / took)}/s) in this run")
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
 

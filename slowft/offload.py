@@ -1,9 +1,11 @@
 """Hiding the SSD: units and saved inputs come in ahead of use and go out behind it.
 
-One background thread does all disk I/O, in submission order. That order is the consistency
-rule: a read queued after a write of the same unit sees the new data, and a journal commit queued
-after a unit's write runs only once that write is durable. While block i computes, the thread
-writes block i+1 back and reads block i-1, so at most ~2 blocks are in RAM beyond the resident set.
+Two background threads do the disk I/O: one reads, one writes, so a read that the next block
+needs never waits behind the write of another. Order is explicit where it matters: a read of a
+unit (or saved input) waits for that file's pending write, and a journal commit runs on the
+writer thread after the writes it names, so it only ever names durable files. While block i
+computes, block i+1 is written back and block i-1 read in; a bounded number of writes may be
+pending, so RAM holds about three blocks beyond the resident set.
 
 What stays resident is decided by the known future: a pass's schedule of units is given up
 front and, when room is needed, the unit whose next use is farthest away is dropped (Belady).
@@ -23,17 +25,24 @@ from .store import Store
 
 
 class IOWorker:
-    """The one disk thread. After a task fails, every later task fails too (nothing half-ordered)."""
+    """The disk threads (a reader and a writer). After a task fails, every later task fails too."""
 
     def __init__(self, delay: float = 0.0, synchronous: bool = False):
-        self._pool = None if synchronous else ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-io")
+        self._pools = None if synchronous else {
+            False: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-read"),
+            True: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-write"),
+        }
         self._failed: BaseException | None = None
         self._pending: collections.deque[Future] = collections.deque()
+        self._writes: collections.deque[Future] = collections.deque()
         self.delay = delay  # artificial latency before each write (tests: stale reads must not happen)
 
-    def submit(self, fn, *args, write: bool = False) -> Future:
-        """Queues ``fn(*args)``; synchronous mode runs it now (the reference the overlap is checked against)."""
+    def submit(self, fn, *args, write: bool = False, after: Future | None = None) -> Future:
+        """Queues ``fn(*args)`` on the reader or writer thread, once ``after`` (a write) is done.
+        Synchronous mode runs it now: the reference the overlapped path is checked against."""
         def run():
+            if after is not None:
+                after.exception()
             if self._failed is not None:  # the original error (e.g. ENOSPC), for whoever waits on this
                 raise self._failed
             if write and self.delay:
@@ -44,18 +53,27 @@ class IOWorker:
                 self._failed = e
                 raise
 
-        while self._pending and self._pending[0].done():
-            self._pending.popleft()
-        if self._pool is None:
+        if self._pools is None:
             fut = Future()
             try:
                 fut.set_result(run())
             except BaseException as e:
                 fut.set_exception(e)
             return fut
-        fut = self._pool.submit(run)
+        for queue in (self._pending, self._writes):
+            while queue and queue[0].done():
+                queue.popleft()
+        fut = self._pools[write].submit(run)
         self._pending.append(fut)
+        if write:
+            self._writes.append(fut)
         return fut
+
+    def throttle(self, max_writes: int) -> None:
+        """Waits until at most ``max_writes`` writes are pending: bounds the RAM write-behind holds."""
+        while len(self._writes) > max_writes:
+            self._writes.popleft().exception()
+        self.check()
 
     def check(self) -> None:
         """Raises the first failure of any task so far."""
@@ -66,11 +84,12 @@ class IOWorker:
         """Waits for every queued task; raises the first failure."""
         while self._pending:
             self._pending.popleft().exception()
+        self._writes.clear()
         self.check()
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pools or {}).values():
+            pool.shutdown(wait=True)
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,7 +106,6 @@ def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class _Entry:
     tensors: dict | None = None  # on the compute device, storage dtype
     reading: Future | None = None  # pending read -> cpu tensors
-    writing: Future | None = None  # pending write of these tensors
     dirty: bool = False  # updated in memory, not yet written (resident mode)
     pins: int = 0
 
@@ -104,6 +122,7 @@ class UnitCache:
         self.depth = max(0, depth)
         self.set_budget(budget)
         self.entries: dict[str, _Entry] = {}
+        self.writing: dict[str, Future] = {}  # the latest write of each unit
         self.schedule: list[str] = []
         self.pos = 0
         self._uncommitted: list[Future] = []
@@ -112,7 +131,10 @@ class UnitCache:
         """Everything fits: keep it all and write only at commits. Otherwise stream, writing each
         update through, since a crash must never find units newer than the journal says."""
         self.resident = budget >= sum(self.unit_bytes.values())
-        self.capacity = budget + (self.depth + 1) * max(self.unit_bytes.values())
+        blocks = [n for u, n in self.unit_bytes.items() if u.startswith("layers.")] or list(self.unit_bytes.values())
+        # room to stream blocks; a larger unit (a llama-vocab embedding or head) is loaded anyway
+        # when needed, evicting the rest
+        self.capacity = budget + (self.depth + 1) * max(blocks)
 
     # -- schedule
 
@@ -136,13 +158,12 @@ class UnitCache:
                        if e.pins == 0 and e.reading is None and not e.dirty and u not in keep]
             if not victims:
                 return False
-            victim = max(victims, key=self._next_use)
-            # a pending write keeps its own reference; the FIFO frees it before the next read runs
-            del self.entries[victim]
+            del self.entries[max(victims, key=self._next_use)]  # a pending write keeps its own reference
         return True
 
     def _start_read(self, unit: str) -> _Entry:
-        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit]))
+        after = self.writing.get(unit)  # a unit is never read before its pending write is done
+        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], after=after))
         self.entries[unit] = entry
         return entry
 
@@ -176,8 +197,8 @@ class UnitCache:
         if entry.reading is not None:
             cpu = entry.reading.result()
             entry.tensors, entry.reading = to_device(cpu, self.device), None
-        if for_update and entry.writing is not None:
-            entry.writing.result()  # never update tensors the writer is still copying out
+        if for_update and unit in self.writing:
+            self.writing.pop(unit).result()  # never update tensors the writer is still copying out
         self.io.check()
         return entry.tensors
 
@@ -190,12 +211,13 @@ class UnitCache:
         if self.resident:
             entry.dirty = True
         else:
-            entry.writing = self._write(unit, entry.tensors)
+            self.io.throttle(self.depth + 1)
+            self._write(unit, entry.tensors)
 
-    def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> Future:
+    def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         fut = self.io.submit(self.store.write_unit, unit, self.versions[unit], to_cpu(tensors), write=True)
+        self.writing[unit] = fut
         self._uncommitted.append(fut)
-        return fut
 
     def drop(self, unit: str) -> None:
         """Forgets an in-memory copy that must not be used (e.g. after a non-finite update)."""
@@ -208,7 +230,8 @@ class UnitCache:
         what it superseded. All on the I/O thread, in order; returns the commit's future."""
         for unit, entry in self.entries.items():
             if entry.dirty:
-                entry.writing, entry.dirty = self._write(unit, entry.tensors), False
+                self._write(unit, entry.tensors)
+                entry.dirty = False
         deps = list(self._uncommitted)
         self._uncommitted.clear()
         if grad is not None:
@@ -226,7 +249,7 @@ class UnitCache:
             if old_grad:
                 self.store.delete_scratch(old_grad)
 
-        return self.io.submit(finish)
+        return self.io.submit(finish, write=True)
 
     @property
     def dirty(self) -> bool:
@@ -265,7 +288,7 @@ class SavedInputs:
                 self.store.delete_scratch(f"input.{i}")
                 return x
 
-            self.reading[i] = self.io.submit(read)
+            self.reading[i] = self.io.submit(read, after=self.spilled[i])
 
     def load(self, i: int) -> torch.Tensor:
         if i in self.kept:

@@ -18,12 +18,14 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
-from .model import SeededDropout, cross_entropy
+from .model import SeededDropout
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
+LOGITS_CHUNK_BYTES = 32 << 20  # the head computes the loss this many bytes of logits at a time
 
 
 def batch_id(tokens: torch.Tensor, targets: torch.Tensor) -> str:
@@ -41,38 +43,84 @@ def _optim_state(master: dict, name: str, optimizer) -> dict:
     return state
 
 
-def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor | None, optimizer, t: int):
-    """Recomputes ``fn(weights, inp)``, backpropagates ``g_out`` (or the loss, when ``g_out`` is None)
-    and updates the unit's weights in place as each gradient arrives. Returns (grad of inp, output)."""
-    master = model.cache.get(unit, for_update=True)
-    bad: list[torch.Tensor] = []
-    params = {}
-    for name in [k for k in master if not k.startswith("optim.")]:
-        m = master[name]
-        p = (m.detach() if m.dtype == model.compute_dtype else m.to(model.compute_dtype)).requires_grad_(True)
+class _Update:
+    """A unit opened for its fused update: compute-dtype copies of its weights that autograd
+    differentiates, and the in-place update of the stored weights as each gradient arrives."""
 
-        def on_grad(p, name=name):
-            g, p.grad = p.grad, None
-            bad.append(~torch.isfinite(g).all())
+    def __init__(self, model, unit: str, optimizer, t: int):
+        self.model, self.unit, self.optimizer, self.t = model, unit, optimizer, t
+        self.master = model.cache.get(unit, for_update=True)
+        self.bad: list[torch.Tensor] = []
+        cd = model.compute_dtype
+        self.params = {name: (m.detach() if m.dtype == cd else m.to(cd)).requires_grad_(True)
+                       for name, m in self.master.items() if not name.startswith("optim.")}
+        master, bad = self.master, self.bad
+
+        def apply(name: str, g: torch.Tensor) -> None:  # refers to no parameter: hooks make no cycle
+            bad.append(~torch.isfinite(g.sum()))  # one pass; NaN and inf survive a sum
             optimizer.update(master[name], g, _optim_state(master, name, optimizer), t)
 
-        p.register_post_accumulate_grad_hook(on_grad)
-        params[name] = p
+        self.apply = apply
+
+    def hook_all(self) -> None:
+        """Update each parameter the moment autograd has its gradient (LOMO), then drop the gradient."""
+        apply = self.apply
+        for name, p in self.params.items():
+            def on_grad(p, name=name):
+                g, p.grad = p.grad, None
+                apply(name, g)
+
+            p.register_post_accumulate_grad_hook(on_grad)
+
+    def abort(self, message: str):
+        self.model.cache.release(self.unit)
+        self.model.cache.drop(self.unit)
+        raise NonFiniteError(message)
+
+    def finish(self) -> None:
+        """Hands the updated unit to write-behind, unless a gradient was not finite."""
+        if self.bad and torch.stack(self.bad).any():
+            self.abort(f"non-finite gradient in {self.unit} at step {self.t}; stopped before writing it. Try a lower --lr")
+        self.model.cache.release(self.unit, updated=True)
+
+
+def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor, optimizer, t: int):
+    """Recomputes ``fn(weights, inp)``, backpropagates ``g_out`` and updates the unit's weights in
+    place as each gradient arrives. Returns the gradient of ``inp``."""
+    u = _Update(model, unit, optimizer, t)
+    u.hook_all()
     x = inp.detach().requires_grad_(inp.is_floating_point())
-    out = fn(params, x)
-    if g_out is None:
-        if not torch.isfinite(out):
-            model.cache.release(unit)
-            raise NonFiniteError(f"loss is {out.item()} at step {t}; nothing was updated. Try a lower --lr")
-        out.backward()
-    else:
-        out.backward(g_out)
-    if bad and torch.stack(bad).any():
-        model.cache.release(unit)
-        model.cache.drop(unit)
-        raise NonFiniteError(f"non-finite gradient in {unit} at step {t}; stopped before writing it. Try a lower --lr")
-    model.cache.release(unit, updated=True)
-    return x.grad, out.detach()
+    fn(u.params, x).backward(g_out)
+    u.finish()
+    return x.grad
+
+
+def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: int):
+    """Loss and backward of final norm + output, a chunk of tokens at a time so that the
+    [tokens, vocab] logits never exist whole; the head is updated once all chunks are in.
+    Returns (grad of h, loss)."""
+    u = _Update(model, "head", optimizer, t)
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    n = (flat_t != -1).sum()
+    per = max(1, LOGITS_CHUNK_BYTES // (4 * model.args.vocab_size))
+    g = torch.empty_like(flat_h)
+    grads: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=h.device)
+    for s in range(0, flat_h.shape[0], per):
+        x = flat_h[s : s + per].detach().requires_grad_(True)
+        chunk = F.cross_entropy(model.head_fn(u.params, x), flat_t[s : s + per], ignore_index=-1, reduction="sum") / n
+        gx, *gw = torch.autograd.grad(chunk, [x, *u.params.values()])
+        g[s : s + per] = gx
+        for name, gi in zip(u.params, gw):
+            grads[name] = gi if name not in grads else grads[name].add_(gi)
+        loss += chunk.detach()
+    if not torch.isfinite(loss):
+        u.model.cache.release("head")
+        raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
+    for name, gi in grads.items():
+        u.apply(name, gi)
+    u.finish()
+    return g.view_as(h), loss
 
 
 def _commit_every(model, x_bytes: int) -> int | None:
@@ -155,8 +203,8 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 _stop(model, t, k, g, loss, batch, len(bwd))
             faults.hit("backward_unit")
             if unit == "head":
-                g, out = backward_unit(model, unit, lambda w, x: cross_entropy(model.head_fn(w, x), targets), h, None, optimizer, t + 1)
-                loss = out.item()
+                g, loss = backward_head(model, h, targets, optimizer, t + 1)
+                loss = loss.item()
             elif unit == "tok_embeddings":
                 backward_unit(model, unit, lambda w, tok: model.embed_fn(w, tok, at("emb")), tokens, g, optimizer, t + 1)
             else:
@@ -165,7 +213,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 if i > 0:
                     model.inputs.prefetch(i - 1)
                 x = model.inputs.load(i)
-                g, _ = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
+                g = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
             if every and k + 1 - last_commit >= every and k + 1 < len(bwd):
                 _commit_mid_step(model, t, k + 1, g, loss, batch)
                 last_commit = k + 1

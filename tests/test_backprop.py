@@ -47,8 +47,11 @@ def assert_same_tensors(model, ref, changed_from=None):
         assert moved > 1e-2
 
 
-@pytest.mark.parametrize("budget", [0, None], ids=["streaming", "resident"])
-def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, budget):
+@pytest.mark.parametrize("budget, logits_chunk", [(0, None), (None, None), (0, 5)],
+                         ids=["streaming", "resident", "head-in-chunks-of-5-tokens"])
+def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, monkeypatch, budget, logits_chunk):
+    if logits_chunk:
+        monkeypatch.setattr(slowft.train, "LOGITS_CHUNK_BYTES", 4 * 512 * logits_chunk)
     params = json.loads((gqa_model / "params.json").read_text())
     start = load_meta(gqa_model)
     ref = RefLlama(params, start)

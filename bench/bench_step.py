@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""slowft's training step against the same arithmetic in RAM, and against its own I/O.
+
+    python bench/bench_step.py --dim 1024 --layers 16 --batch 4 --seq 256 --ram-budget 0
+
+One run measures, on one random llama2-shaped model (llama2's 32000 vocab), with SGD:
+  T_slowft   slowft's step (blocks on SSD, prefetch and write-behind), steady state incl. its last writes
+  T_compute  plain in-RAM PyTorch with per-block activation checkpointing (the same arithmetic, no I/O)
+  T_io       the very reads and writes of one slowft step (recorded, then replayed by the store alone)
+and reports ratio = T_slowft / T_compute and overlap efficiency = max(T_compute, T_io) / T_slowft,
+peak RSS of each, bytes moved per step, import/export MB/s. Each side runs in its own process so its
+peak RSS is its own. The last line is JSON with every figure. --depth-sweep adds slowft's peak RSS
+for 4/8/16/32 layers of one width.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+VOCAB = 32000
+
+
+def peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def batch(a):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (a.batch, a.seq), generator=g)
+    return tokens, torch.roll(tokens, -1, dims=1)
+
+
+# ----------------------------------------------------------------------------- workers (own process each)
+
+def worker_import(a) -> dict:
+    from slowft.loader import MetaSource, import_model
+    from slowft.store import Store
+
+    src = MetaSource.open(a.model)
+    store = Store(a.workdir)
+    store.reset()
+    t0 = time.perf_counter()
+    import_model(src, store, torch.float32, progress=False)
+    dt = time.perf_counter() - t0
+    return {"import_s": dt, "import_MBps": src.total_bytes() / dt / 1e6, "import_peak_rss": peak_rss()}
+
+
+TRACED = ("read_unit", "write_unit", "read_scratch", "write_scratch", "write_journal", "delete_unit", "delete_scratch")
+
+
+def trace_store(store, trace: list) -> None:
+    """Records the store calls of a step (name, unit/file, shapes) so io can replay them alone."""
+    for name in TRACED:
+        orig = getattr(store, name)
+
+        def wrapped(*args, orig=orig, name=name):
+            if trace is not None and trace[0]:
+                desc = [a if isinstance(a, (str, int)) else None for a in args]
+                if name == "write_scratch":
+                    desc[1] = list(args[1].shape)
+                trace[1].append([name, desc])
+            return orig(*args)
+
+        setattr(store, name, wrapped)
+
+
+def worker_slowft(a) -> dict:
+    import slowft
+    from slowft.offloaded import OffloadedModel
+    from slowft.store import Store
+
+    store = Store(a.workdir)
+    trace = [False, []]
+    trace_store(store, trace)
+    model = OffloadedModel(store, torch.device(a.device), ram_budget=a.ram_budget, io_depth=a.io_depth)
+    tokens, targets = batch(a)
+    opt = slowft.SGD(lr=1e-5)
+    model.step(tokens, targets, opt)  # warm-up
+    model.io.drain()
+    times, t0 = [], time.perf_counter()
+    for _ in range(a.steps):
+        t1 = time.perf_counter()
+        model.step(tokens, targets, opt)
+        times.append(time.perf_counter() - t1)
+    model.io.drain()  # the last steps' writes belong to them
+    per_step = (time.perf_counter() - t0) / a.steps
+    # one more step, fenced on both sides, for exact bytes and the trace io replays
+    before = store.stats.snapshot()
+    trace[0] = True
+    model.step(tokens, targets, opt)
+    model.io.drain()
+    trace[0] = False
+    io = store.stats.delta(store.stats.snapshot(), before)
+    model.close()
+    return {
+        "slowft_step_s": per_step, "slowft_steps_s": times,
+        "slowft_peak_rss": peak_rss(), "resident": model.cache.resident,
+        "read_bytes": io["read"], "written_bytes": io["written"], "trace": trace[1],
+        "unit_bytes": model.unit_bytes, "x_bytes": a.batch * a.seq * model.args.dim * 4,
+    }
+
+
+def worker_ram(a) -> dict:
+    from torch.utils.checkpoint import checkpoint
+
+    from slowft.loader import MetaSource, split_dim
+    from slowft.model import Transformer, cross_entropy
+
+    src = MetaSource.open(a.model)
+    model = Transformer(src.args)
+    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in src.shards]
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            d = split_dim(k)
+            p.copy_(shards[0][k] if d is None else torch.cat([s[k] for s in shards], d))
+    del shards
+    model.to(a.device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    tokens, targets = (t.to(a.device) for t in batch(a))
+
+    def step():
+        logits = model(tokens, block_fn=lambda b, h, rope: checkpoint(b, h, rope, use_reentrant=False))
+        cross_entropy(logits, targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"compute_step_s": statistics.median(times), "compute_steps_s": times, "compute_peak_rss": peak_rss()}
+
+
+def worker_io(a) -> dict:
+    """Replays a recorded step's store calls, synchronously, with no compute."""
+    from slowft.store import Store
+
+    rec = json.loads(Path(a.trace).read_text())
+    store = Store(a.workdir)
+    current = {u: max(v) for u, v in store.unit_versions().items()}
+    units = {u: store.read_unit(u, v) for u, v in current.items()}  # the tensors to write back
+    times = []
+    for _ in range(a.steps):
+        scratch, pending = {}, {}
+        t0 = time.perf_counter()
+        for name, args in rec["trace"]:
+            if name == "read_unit":
+                store.read_unit(args[0], current[args[0]])
+            elif name == "write_unit":
+                pending[args[0]] = current[args[0]] + 1
+                store.write_unit(args[0], pending[args[0]], units[args[0]])
+            elif name == "delete_unit":  # after the commit: the old version goes
+                store.delete_unit(args[0], current[args[0]])
+                current[args[0]] = pending.pop(args[0])
+            elif name == "write_scratch":
+                x = scratch.setdefault(tuple(args[1]), torch.zeros(args[1]))
+                store.write_scratch(args[0], x, args[2])
+            elif name == "read_scratch":
+                store.read_scratch(args[0], args[1])
+            elif name == "delete_scratch":
+                store.delete_scratch(args[0])
+            elif name == "write_journal":
+                store.write_json("journal-bench.json", {"versions": current})
+        times.append(time.perf_counter() - t0)
+    return {"io_step_s": statistics.median(times), "io_steps_s": times}
+
+
+def worker_export(a) -> dict:
+    import slowft
+
+    with slowft.load(a.model, workdir=a.workdir, device="cpu", ram_budget=0, progress=False) as model:
+        t0 = time.perf_counter()
+        out = model.save_llama2(Path(a.workdir).parent / "export", progress=False)
+        dt = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in out.glob("consolidated.*.pth"))
+    return {"export_s": dt, "export_MBps": size / dt / 1e6}
+
+
+WORKERS = {"import": worker_import, "slowft": worker_slowft, "ram": worker_ram, "io": worker_io, "export": worker_export}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def run_worker(kind: str, a, **extra) -> dict:
+    argv = [sys.executable, __file__, "--worker", kind, "--model", str(a.model), "--workdir", str(a.workdir),
+            "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
+            "--ram-budget", str(a.ram_budget), "--io-depth", str(a.io_depth)]
+    for k, v in extra.items():
+        argv += [f"--{k}", str(v)]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{kind} worker failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def make_model(dim: int, layers: int, heads: int, cache: Path) -> Path:
+    from slowft.tiny import make_tiny
+
+    path = cache / f"llama-d{dim}-l{layers}-h{heads}"
+    if not (path / "params.json").exists():
+        print(f"making a random model {path.name} ...", file=sys.stderr)
+        make_tiny(path, dim=dim, layers=layers, heads=heads, shards=1, multiple_of=256, params_vocab=VOCAB)
+    return path
+
+
+def mb(n) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--ram-budget", type=float, default=0, help="bytes for resident blocks/inputs (0: all via disk)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--io-depth", type=int, default=1, help="blocks read ahead / writes pending")
+    ap.add_argument("--depth-sweep", action="store_true")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "slowft-bench")
+    ap.add_argument("--worker", choices=list(WORKERS))
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--trace", type=Path)
+    a = ap.parse_args()
+    a.ram_budget = int(a.ram_budget)
+    if a.worker:
+        print(json.dumps(WORKERS[a.worker](a)))
+        return
+
+    a.cache.mkdir(parents=True, exist_ok=True)
+    a.model = make_model(a.dim, a.layers, a.heads, a.cache)
+    a.workdir = a.cache / "work" / a.model.name
+    r = {"machine": f"{os.cpu_count()} cpu, {os.uname().machine}, torch {torch.__version__}",
+         "model": {"dim": a.dim, "layers": a.layers, "heads": a.heads, "vocab": VOCAB},
+         "batch": a.batch, "seq": a.seq, "ram_budget": a.ram_budget, "io_depth": a.io_depth, "device": a.device}
+    r.update(run_worker("import", a))
+    r.update(run_worker("slowft", a))
+    trace_file = a.cache / "trace.json"
+    trace_file.write_text(json.dumps({"trace": r.pop("trace")}))
+    io_dir = a.cache / "work" / f"{a.model.name}-io-replay"
+    if not (io_dir / "meta.json").exists():
+        run_worker("import", argparse.Namespace(**{**vars(a), "workdir": io_dir}))
+    r.update(run_worker("io", argparse.Namespace(**{**vars(a), "workdir": io_dir}), trace=trace_file))
+    r.update(run_worker("ram", a))
+    r.update(run_worker("export", a))
+
+    units = r["unit_bytes"]
+    block = max(v for k, v in units.items() if k.startswith("layers."))
+    model_bytes = sum(units.values())
+    x_bytes = r["x_bytes"]
+    ts, tc, ti = r["slowft_step_s"], r["compute_step_s"], r["io_step_s"]
+    read, written = sum(r["read_bytes"].values()), sum(r["written_bytes"].values())
+    r.update({
+        "ratio": ts / tc, "overlap_efficiency": max(tc, ti) / ts,
+        "block_bytes": block, "model_bytes": model_bytes, "saved_inputs_bytes": x_bytes * a.layers,
+        "read_per_model": read / model_bytes,
+        "written_per_trainable_plus_inputs": written / (model_bytes + x_bytes * a.layers),
+        "rss_budget": 2.5 * block + x_bytes * a.layers + 0.5e9,
+    })
+    if a.depth_sweep:
+        sweep = {}
+        for n in (4, 8, 16, 32):
+            b = argparse.Namespace(**{**vars(a), "steps": 1})
+            b.model = make_model(a.dim, n, a.heads, a.cache)
+            b.workdir = a.cache / "work" / b.model.name
+            run_worker("import", b)
+            sweep[n] = run_worker("slowft", b)["slowft_peak_rss"]
+        r["depth_sweep_peak_rss"] = sweep
+        r["rss_32_over_8"] = sweep[32] / sweep[8]
+
+    print(f"\nslowft bench: {r['machine']}; dim {a.dim}, {a.layers} layers, {a.heads} heads, vocab {VOCAB}; "
+          f"batch {a.batch} x {a.seq}; SGD; ram budget {mb(a.ram_budget)}; io depth {a.io_depth}; device {a.device}")
+    print(f"  block {mb(block)}, model {mb(model_bytes)} (fp32), saved inputs {mb(x_bytes * a.layers)}")
+    print(f"  T_slowft   {ts:8.2f} s/step   peak RSS {mb(r['slowft_peak_rss'])}  (budget 2.5 blocks + inputs + 0.5 GB = {mb(r['rss_budget'])})")
+    print(f"  T_compute  {tc:8.2f} s/step   peak RSS {mb(r['compute_peak_rss'])}  (in RAM, per-block checkpointing)")
+    print(f"  T_io       {ti:8.2f} s/step   (the step's reads and writes, store alone)")
+    print(f"  ratio T_slowft/T_compute {r['ratio']:.3f}; overlap efficiency max(T_compute, T_io)/T_slowft {r['overlap_efficiency']:.3f}")
+    print(f"  per step: read {mb(read)} ({r['read_per_model']:.2f} x model), wrote {mb(written)} "
+          f"({r['written_per_trainable_plus_inputs']:.3f} x (model + inputs)); by kind: read {r['read_bytes']}, wrote {r['written_bytes']}")
+    print(f"  import {r['import_MBps']:.0f} MB/s (peak RSS {mb(r['import_peak_rss'])}), export {r['export_MBps']:.0f} MB/s")
+    if a.depth_sweep:
+        print("  depth sweep peak RSS: " + ", ".join(f"{n} layers {mb(v)}" for n, v in r["depth_sweep_peak_rss"].items())
+              + f"; 32/8 = {r['rss_32_over_8']:.3f}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
