@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,8 +34,9 @@ class IOWorker:
             True: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-write"),
         }
         self._failed: BaseException | None = None
-        self._pending: collections.deque[Future] = collections.deque()
         self._writes: collections.deque[Future] = collections.deque()
+        # a finished read's future holds a whole unit: only its owner keeps it alive
+        self._reads: weakref.WeakSet[Future] = weakref.WeakSet()
         self.delay = delay  # artificial latency before each write (tests: stale reads must not happen)
 
     def submit(self, fn, *args, write: bool = False, after: Future | None = None) -> Future:
@@ -60,13 +62,13 @@ class IOWorker:
             except BaseException as e:
                 fut.set_exception(e)
             return fut
-        for queue in (self._pending, self._writes):
-            while queue and queue[0].done():
-                queue.popleft()
         fut = self._pools[write].submit(run)
-        self._pending.append(fut)
         if write:
+            while self._writes and self._writes[0].done():
+                self._writes.popleft()
             self._writes.append(fut)
+        else:
+            self._reads.add(fut)
         return fut
 
     def throttle(self, max_writes: int) -> None:
@@ -82,9 +84,10 @@ class IOWorker:
 
     def drain(self) -> None:
         """Waits for every queued task; raises the first failure."""
-        while self._pending:
-            self._pending.popleft().exception()
-        self._writes.clear()
+        for fut in list(self._reads):
+            fut.exception()
+        while self._writes:
+            self._writes.popleft().exception()
         self.check()
 
     def shutdown(self) -> None:
@@ -92,14 +95,42 @@ class IOWorker:
             pool.shutdown(wait=True)
 
 
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return tensors
-    return {k: v.to(device, non_blocking=device.type == "cuda") for k, v in tensors.items()}
+def layout(tensors: dict[str, torch.Tensor]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
 
 
-def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in tensors.items()}
+class BufferPool:
+    """Host buffers of a unit's layout, handed back once nothing uses them, so steady-state
+    streaming allocates nothing: no page faults to fill fresh memory, and RSS that follows what
+    is live whatever the allocator keeps (glibc would keep ~6 freed blocks around)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._free: dict[tuple, list[dict]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple | None) -> dict | None:
+        with self._lock:
+            free = self._free.get(key)
+            if not free:
+                return None
+            tensors = free.pop()
+            self.bytes -= _nbytes(tensors)
+            return tensors
+
+    def give(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Keeps a buffer while the pool has room (bigger ones are left to the allocator)."""
+        n = _nbytes(tensors)
+        if any(t.device.type != "cpu" for t in tensors.values()) or n > self.max_bytes:
+            return
+        with self._lock:
+            if self.bytes + n <= self.max_bytes:
+                self._free.setdefault(layout(tensors), []).append(tensors)
+                self.bytes += n
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @dataclass
@@ -123,6 +154,8 @@ class UnitCache:
         self.set_budget(budget)
         self.entries: dict[str, _Entry] = {}
         self.writing: dict[str, Future] = {}  # the latest write of each unit
+        self.pool = BufferPool(max_bytes=self.max_block)
+        self.layouts: dict[str, tuple] = {}  # of each unit, as last seen
         self.schedule: list[str] = []
         self.pos = 0
         self._uncommitted: list[Future] = []
@@ -132,9 +165,10 @@ class UnitCache:
         update through, since a crash must never find units newer than the journal says."""
         self.resident = budget >= sum(self.unit_bytes.values())
         blocks = [n for u, n in self.unit_bytes.items() if u.startswith("layers.")] or list(self.unit_bytes.values())
+        self.max_block = max(blocks)
         # room to stream blocks; a larger unit (a llama-vocab embedding or head) is loaded anyway
         # when needed, evicting the rest
-        self.capacity = budget + (self.depth + 1) * max(blocks)
+        self.capacity = budget + (self.depth + 1) * self.max_block
 
     # -- schedule
 
@@ -158,12 +192,28 @@ class UnitCache:
                        if e.pins == 0 and e.reading is None and not e.dirty and u not in keep]
             if not victims:
                 return False
-            del self.entries[max(victims, key=self._next_use)]  # a pending write keeps its own reference
+            self._evict(max(victims, key=self._next_use))
         return True
+
+    def _evict(self, unit: str) -> None:
+        """Drops a unit from memory; its buffer is reused once its pending write (if any) is done."""
+        tensors = self.entries.pop(unit).tensors
+        pending = self.writing.get(unit)
+        if pending is not None and not pending.done():
+            self._give_when_done(pending, tensors)
+        else:
+            self.pool.give(tensors)
+
+    def _give_when_done(self, fut: Future, tensors: dict) -> None:
+        """Hands ``tensors`` to the pool when ``fut`` is done. A future keeps its callbacks, so the
+        callback must not hold the tensors itself: it empties a list instead."""
+        held = [tensors]
+        fut.add_done_callback(lambda _: self.pool.give(held.pop()))
 
     def _start_read(self, unit: str) -> _Entry:
         after = self.writing.get(unit)  # a unit is never read before its pending write is done
-        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], after=after))
+        into = self.pool.take(self.layouts.get(unit))
+        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], into, after=after))
         self.entries[unit] = entry
         return entry
 
@@ -196,7 +246,13 @@ class UnitCache:
         self._prefetch()
         if entry.reading is not None:
             cpu = entry.reading.result()
-            entry.tensors, entry.reading = to_device(cpu, self.device), None
+            self.layouts[unit] = layout(cpu)
+            if self.device.type == "cpu":
+                entry.tensors = cpu
+            else:  # a synchronous copy: the host buffer is free again at once
+                entry.tensors = {k: v.to(self.device) for k, v in cpu.items()}
+                self.pool.give(cpu)
+            entry.reading = None
         if for_update and unit in self.writing:
             self.writing.pop(unit).result()  # never update tensors the writer is still copying out
         self.io.check()
@@ -215,7 +271,16 @@ class UnitCache:
             self._write(unit, entry.tensors)
 
     def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
-        fut = self.io.submit(self.store.write_unit, unit, self.versions[unit], to_cpu(tensors), write=True)
+        self.layouts[unit] = layout(tensors)  # optimizer state may have joined the unit
+        if self.device.type == "cpu":
+            host = tensors
+        else:  # copy out into a recycled host buffer, handed back once written
+            host = self.pool.take(self.layouts[unit]) or {k: torch.empty(v.shape, dtype=v.dtype) for k, v in tensors.items()}
+            for k, v in tensors.items():
+                host[k].copy_(v)
+        fut = self.io.submit(self.store.write_unit, unit, self.versions[unit], host, write=True)
+        if self.device.type != "cpu":
+            self._give_when_done(fut, host)
         self.writing[unit] = fut
         self._uncommitted.append(fut)
 
@@ -227,9 +292,10 @@ class UnitCache:
 
     def commit(self, journal: dict, grad: tuple[str, torch.Tensor] | None = None, old_grad: str | None = None) -> Future:
         """Writes dirty units and ``grad``, then ``journal`` naming the new versions, then deletes
-        what it superseded. All on the I/O thread, in order; returns the commit's future."""
+        what it superseded; the last three on the writer thread, after the unit writes they name."""
         for unit, entry in self.entries.items():
             if entry.dirty:
+                self.io.throttle(self.depth + 1)
                 self._write(unit, entry.tensors)
                 entry.dirty = False
         deps = list(self._uncommitted)

@@ -103,8 +103,8 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
         run = (store.read_json("meta.json") or {}).get("run")
         if run and not run.get("finished"):
             raise SlowftError(
-                f"{store.root}: holds an unfinished training run (step {run.get('step', '?')}); "
-                "finish it with finetune.py --resume, or pass another --workdir"
+                f"{store.root}: holds an unfinished training run; finish it with finetune.py --resume, "
+                "or pass another --workdir"
             )
         if run:
             print(f"slowft: {store.root} holds fine-tuned weights; re-importing the originals from {src.path}")
@@ -197,6 +197,10 @@ class OffloadedModel:
     def head_fn(self, w, h):
         return functional_call(self._head, w, (h,))
 
+    def norm_fn(self, weight, h):
+        """The head's final RMSNorm alone (training computes the output projection by hand)."""
+        return functional_call(self._head.norm, {"weight": weight}, (h,))
+
     def run_unit(self, unit: str, fn, *args, **kwargs):
         w = self.cache.get(unit)
         try:
@@ -254,8 +258,8 @@ class OffloadedModel:
         self.cache.plan(order)
         for unit in order:
             tensors = self.cache.get(unit)
-            try:
-                yield unit, {k: v.cpu() for k, v in tensors.items()}
+            try:  # copies: the cache recycles its buffers once a unit leaves it
+                yield unit, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
             finally:
                 self.cache.release(unit)
 

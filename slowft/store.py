@@ -69,10 +69,11 @@ def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, s
             f.write(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads each tensor straight into its own allocation (no second copy; the GIL is released
-    while reading). Separate tensors, not views of one buffer, so in-place updates of one never
-    look to autograd like changes to another."""
+def read_safetensors(path: Path, into: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads each tensor straight into its own allocation, or into the matching tensor of ``into``
+    (a recycled buffer): no second copy, and the GIL is released while reading. Separate tensors,
+    not views of one buffer, so in-place updates of one never look to autograd like changes to
+    another."""
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -84,7 +85,10 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             tensors = {}
             for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 b, e = info["data_offsets"]
-                t = torch.empty(info["shape"], dtype=_CODES[info["dtype"]])
+                dtype, shape = _CODES[info["dtype"]], info["shape"]
+                t = (into or {}).get(k)
+                if t is None or t.dtype != dtype or list(t.shape) != shape:
+                    t = torch.empty(shape, dtype=dtype)
                 if t.numel() * t.element_size() != e - b:
                     raise ValueError(f"tensor {k} has {e - b} bytes for shape {info['shape']}")
                 view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
@@ -229,9 +233,9 @@ class Store:
     def has_unit(self, unit: str, version: int) -> bool:
         return self.unit_path(unit, version).exists()
 
-    def read_unit(self, unit: str, version: int) -> dict[str, torch.Tensor]:
+    def read_unit(self, unit: str, version: int, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        tensors, _ = read_safetensors(self.unit_path(unit, version))
+        tensors, _ = read_safetensors(self.unit_path(unit, version), into)
         dt = time.perf_counter() - t0
         self.stats.add("read", "weights", _nbytes(tensors, False), dt)
         self.stats.add("read", "optim", _nbytes(tensors, True), 0.0)

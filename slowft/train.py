@@ -48,7 +48,7 @@ class _Update:
     differentiates, and the in-place update of the stored weights as each gradient arrives."""
 
     def __init__(self, model, unit: str, optimizer, t: int):
-        self.model, self.unit, self.optimizer, self.t = model, unit, optimizer, t
+        self.model, self.unit, self.t = model, unit, t
         self.master = model.cache.get(unit, for_update=True)
         self.bad: list[torch.Tensor] = []
         cd = model.compute_dtype
@@ -96,31 +96,42 @@ def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor, 
 
 
 def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: int):
-    """Loss and backward of final norm + output, a chunk of tokens at a time so that the
-    [tokens, vocab] logits never exist whole; the head is updated once all chunks are in.
-    Returns (grad of h, loss)."""
+    """Loss and backward of the final norm and output projection, a chunk of tokens at a time so
+    the [tokens, vocab] logits never exist whole. The output's gradient (as large as the output
+    itself with llama's vocab) is accumulated in place, the cross-entropy gradient written out
+    (softmax - one-hot) rather than left to autograd, which would make a new [vocab, dim] tensor
+    per chunk; the head is updated once all chunks are in. Returns (grad of h, loss as a float)."""
     u = _Update(model, "head", optimizer, t)
+    W, nw = u.params["output.weight"].detach(), u.params["norm.weight"]
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     n = (flat_t != -1).sum()
     per = max(1, LOGITS_CHUNK_BYTES // (4 * model.args.vocab_size))
     g = torch.empty_like(flat_h)
-    grads: dict[str, torch.Tensor] = {}
+    dW = torch.zeros(W.shape, device=W.device, dtype=torch.float32)
+    dnw = torch.zeros(nw.shape, device=W.device, dtype=torch.float32)
     loss = torch.zeros((), device=h.device)
     for s in range(0, flat_h.shape[0], per):
-        x = flat_h[s : s + per].detach().requires_grad_(True)
-        chunk = F.cross_entropy(model.head_fn(u.params, x), flat_t[s : s + per], ignore_index=-1, reduction="sum") / n
-        gx, *gw = torch.autograd.grad(chunk, [x, *u.params.values()])
+        x, tgt = flat_h[s : s + per].detach().requires_grad_(True), flat_t[s : s + per]
+        normed = model.norm_fn(nw, x)
+        grad = torch.log_softmax((normed.detach() @ W.T).float(), dim=-1)
+        keep = tgt != -1
+        rows, cols = keep.nonzero().squeeze(1), tgt[keep]
+        loss -= grad[rows, cols].sum() / n
+        grad.exp_()  # d(sum of losses / n) / d logits = (softmax - one-hot) / n, in place
+        grad[rows, cols] -= 1.0
+        grad *= keep[:, None] / n
+        dW.addmm_(grad.T, normed.detach().float())
+        gx, gnw = torch.autograd.grad(normed, [x, nw], (grad @ W.float()).to(normed.dtype))
         g[s : s + per] = gx
-        for name, gi in zip(u.params, gw):
-            grads[name] = gi if name not in grads else grads[name].add_(gi)
-        loss += chunk.detach()
+        dnw += gnw
+        del grad
     if not torch.isfinite(loss):
-        u.model.cache.release("head")
+        model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
-    for name, gi in grads.items():
-        u.apply(name, gi)
+    u.apply("output.weight", dW)
+    u.apply("norm.weight", dnw)
     u.finish()
-    return g.view_as(h), loss
+    return g.view_as(h), loss.item()
 
 
 def _commit_every(model, x_bytes: int) -> int | None:
@@ -169,16 +180,18 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
     model.configure_memory(x_bytes)
     every = _commit_every(model, x_bytes)
 
-    # forward through the units not yet updated this step (all of them, unless resuming mid-step)
+    # Forward through what this step has not updated yet: everything, or when resuming with
+    # ``done`` units updated (head, then blocks top-down), blocks 0 .. L-done-1, whose outputs give
+    # the inputs of blocks 0 .. L-done. With only the embedding left, nothing.
     n_run = L if done == 0 else max(0, L - done)
-    n_inputs = L if done == 0 else (L - done + 1 if done <= L else 0)
-    forward = ["tok_embeddings", *model.layer_units[:n_run]] + (["head"] if done == 0 else [])
-    cache.plan((forward if n_inputs or done == 0 else []) + bwd[done:])
+    n_inputs = L if done == 0 else max(0, L - done + 1)
+    forward = (["tok_embeddings", *model.layer_units[:n_run]] + (["head"] if done == 0 else [])) if done <= L else []
+    cache.plan(forward + bwd[done:])
     model.inputs.start(n_inputs, x_bytes)
     h = None
     try:
         with torch.no_grad():
-            if n_inputs or done == 0:
+            if forward:
                 h = model.run_unit("tok_embeddings", model.embed_fn, tokens, at("emb"))
                 for i in range(n_run):
                     if model.stop_requested:
@@ -186,16 +199,11 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                     model.inputs.save(i, h)
                     faults.hit("forward_block")
                     h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
-                if done > 0 and n_run < L:
+                if 0 < done <= L:
                     model.inputs.save(n_run, h)
 
         # backward, updating each unit as soon as its gradients exist
-        if done == 0:
-            loss = None
-            g = None
-        else:
-            loss = sweep["loss"]
-            g = model.store.read_scratch(sweep["grad"], "grads").to(model.device)
+        loss, g = (sweep["loss"], model.store.read_scratch(sweep["grad"], "grads").to(model.device)) if done else (None, None)
         last_commit = done
         for k in range(done, len(bwd)):
             unit = bwd[k]
@@ -204,7 +212,6 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
             faults.hit("backward_unit")
             if unit == "head":
                 g, loss = backward_head(model, h, targets, optimizer, t + 1)
-                loss = loss.item()
             elif unit == "tok_embeddings":
                 backward_unit(model, unit, lambda w, tok: model.embed_fn(w, tok, at("emb")), tokens, g, optimizer, t + 1)
             else:

@@ -90,8 +90,9 @@ def test_sgd_weight_decay_and_untouched_embedding_rows(gqa_model, tmp_path):
 
 
 def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path):
-    """Autograd here runs slowft.model's in-RAM Transformer: Adalite's trust ratio magnifies the
-    last-bit differences of another forward (RefLlama's checks the architecture above)."""
+    """Autograd here runs slowft.model's in-RAM Transformer, and lr is small enough to keep the
+    loss falling: Adalite's trust ratio (|p|/|g|) magnifies last-bit differences of another
+    forward, and an unstable run turns them into anything. RefLlama checks the architecture above."""
     params = json.loads((gqa_model / "params.json").read_text())
     start = load_meta(gqa_model)
     ram = Transformer(ModelArgs.from_params(params, vocab_size=512))
@@ -99,13 +100,13 @@ def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path):
     named = dict(ram.named_parameters())
     state: dict = {}
     tokens, targets = batch(512)
-    opt = slowft.Adalite(lr=0.05)
+    opt = slowft.Adalite(lr=1e-3)
     with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
         for t in range(1, 4):
             ram.zero_grad()
             loss = loss_fn(ram(tokens), targets)
             loss.backward()
-            adalite_step(named, state, t, lr=0.05)
+            adalite_step(named, state, t, lr=1e-3)
             assert model.step(tokens, targets, opt) == pytest.approx(loss.item(), rel=1e-5)
         got = dict(model.named_tensors())
     moved = max((named[k].detach() - start[k]).abs().max().item() for k in named)
