@@ -4,13 +4,14 @@
     python bench/bench_step.py --dim 1024 --layers 16 --batch 4 --seq 256 --ram-budget 0
 
 One run measures, on one random llama2-shaped model (llama2's 32000 vocab), with SGD:
-  T_slowft   slowft's step (blocks on SSD, prefetch and write-behind), steady state incl. its last writes
+  T_slowft   slowft's step (blocks on SSD, prefetch and write-behind), including its last writes
   T_compute  plain in-RAM PyTorch with per-block activation checkpointing (the same arithmetic, no I/O)
   T_io       the very reads and writes of one slowft step (recorded, then replayed by the store alone)
 and reports ratio = T_slowft / T_compute and overlap efficiency = max(T_compute, T_io) / T_slowft,
-peak RSS of each, bytes moved per step, import/export MB/s. Each side runs in its own process so its
-peak RSS is its own. The last line is JSON with every figure. --depth-sweep adds slowft's peak RSS
-for 4/8/16/32 layers of one width.
+peak RSS of each, bytes moved per step, import/export MB/s. Each side is its own process (so its
+peak RSS is its own); the three stay alive and take turns, one step each per round, so a machine
+that speeds up or slows down over the run affects them alike; medians over the rounds. The last
+line is JSON with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
 """
 from __future__ import annotations
 
@@ -44,9 +45,22 @@ def batch(a):
     return tokens, torch.roll(tokens, -1, dims=1)
 
 
+def serve(ready: dict, step, finish) -> None:
+    """Worker side of the turn-taking: 'step' runs one timed step, 'end' reports and exits."""
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            t0 = time.perf_counter()
+            step()
+            print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
+        else:
+            print(json.dumps(finish()), flush=True)
+            return
+
+
 # ----------------------------------------------------------------------------- workers (own process each)
 
-def worker_import(a) -> dict:
+def worker_import(a) -> None:
     from slowft.loader import MetaSource, import_model
     from slowft.store import Store
 
@@ -56,20 +70,20 @@ def worker_import(a) -> dict:
     t0 = time.perf_counter()
     import_model(src, store, torch.float32, progress=False)
     dt = time.perf_counter() - t0
-    return {"import_s": dt, "import_MBps": src.total_bytes() / dt / 1e6, "import_peak_rss": peak_rss()}
+    print(json.dumps({"import_s": dt, "import_MBps": src.total_bytes() / dt / 1e6, "import_peak_rss": peak_rss()}))
 
 
-TRACED = ("read_unit", "write_unit", "read_scratch", "write_scratch", "write_journal", "delete_unit", "delete_scratch")
+TRACED = ("read_unit", "write_unit", "read_scratch", "write_scratch", "write_json", "delete_unit", "delete_scratch")
 
 
 def trace_store(store, trace: list) -> None:
-    """Records the store calls of a step (name, unit/file, shapes) so io can replay them alone."""
+    """Records the store calls of a step (name, unit/file, shapes) for the io worker to replay."""
     for name in TRACED:
         orig = getattr(store, name)
 
         def wrapped(*args, orig=orig, name=name):
-            if trace is not None and trace[0]:
-                desc = [a if isinstance(a, (str, int)) else None for a in args]
+            if trace[0]:
+                desc = [x if isinstance(x, (str, int)) else None for x in args]
                 if name == "write_scratch":
                     desc[1] = list(args[1].shape)
                 trace[1].append([name, desc])
@@ -78,7 +92,7 @@ def trace_store(store, trace: list) -> None:
         setattr(store, name, wrapped)
 
 
-def worker_slowft(a) -> dict:
+def worker_slowft(a) -> None:
     import slowft
     from slowft.offloaded import OffloadedModel
     from slowft.store import Store
@@ -89,32 +103,23 @@ def worker_slowft(a) -> dict:
     model = OffloadedModel(store, torch.device(a.device), ram_budget=a.ram_budget, io_depth=a.io_depth)
     tokens, targets = batch(a)
     opt = slowft.SGD(lr=1e-5)
-    model.step(tokens, targets, opt)  # warm-up
-    model.io.drain()
-    times, t0 = [], time.perf_counter()
-    for _ in range(a.steps):
-        t1 = time.perf_counter()
+
+    def step():
         model.step(tokens, targets, opt)
-        times.append(time.perf_counter() - t1)
-    model.io.drain()  # the last steps' writes belong to them
-    per_step = (time.perf_counter() - t0) / a.steps
-    # one more step, fenced on both sides, for exact bytes and the trace io replays
-    before = store.stats.snapshot()
-    trace[0] = True
-    model.step(tokens, targets, opt)
-    model.io.drain()
+        model.io.drain()  # its writes belong to it
+
+    step()  # warm-up
+    before, trace[0] = store.stats.snapshot(), True
+    step()  # fenced on both sides: exact bytes, and the trace the io worker replays
     trace[0] = False
     io = store.stats.delta(store.stats.snapshot(), before)
+    ready = {"read_bytes": io["read"], "written_bytes": io["written"], "trace": trace[1], "resident": model.cache.resident,
+             "unit_bytes": model.unit_bytes, "x_bytes": a.batch * a.seq * model.args.dim * 4}
+    serve(ready, step, lambda: {"peak_rss": peak_rss()})
     model.close()
-    return {
-        "slowft_step_s": per_step, "slowft_steps_s": times,
-        "slowft_peak_rss": peak_rss(), "resident": model.cache.resident,
-        "read_bytes": io["read"], "written_bytes": io["written"], "trace": trace[1],
-        "unit_bytes": model.unit_bytes, "x_bytes": a.batch * a.seq * model.args.dim * 4,
-    }
 
 
-def worker_ram(a) -> dict:
+def worker_ram(a) -> None:
     from torch.utils.checkpoint import checkpoint
 
     from slowft.loader import MetaSource, split_dim
@@ -141,15 +146,10 @@ def worker_ram(a) -> dict:
             torch.cuda.synchronize()
 
     step()
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"compute_step_s": statistics.median(times), "compute_steps_s": times, "compute_peak_rss": peak_rss()}
+    serve({}, step, lambda: {"peak_rss": peak_rss()})
 
 
-def worker_io(a) -> dict:
+def worker_io(a) -> None:
     """Replays a recorded step's store calls, synchronously, with no compute."""
     from slowft.store import Store
 
@@ -157,10 +157,9 @@ def worker_io(a) -> dict:
     store = Store(a.workdir)
     current = {u: max(v) for u, v in store.unit_versions().items()}
     units = {u: store.read_unit(u, v) for u, v in current.items()}  # the tensors to write back
-    times = []
-    for _ in range(a.steps):
+
+    def step():
         scratch, pending = {}, {}
-        t0 = time.perf_counter()
         for name, args in rec["trace"]:
             if name == "read_unit":
                 store.read_unit(args[0], current[args[0]])
@@ -177,13 +176,13 @@ def worker_io(a) -> dict:
                 store.read_scratch(args[0], args[1])
             elif name == "delete_scratch":
                 store.delete_scratch(args[0])
-            elif name == "write_journal":
+            elif name == "write_json":
                 store.write_json("journal-bench.json", {"versions": current})
-        times.append(time.perf_counter() - t0)
-    return {"io_step_s": statistics.median(times), "io_steps_s": times}
+
+    serve({}, step, dict)
 
 
-def worker_export(a) -> dict:
+def worker_export(a) -> None:
     import slowft
 
     with slowft.load(a.model, workdir=a.workdir, device="cpu", ram_budget=0, progress=False) as model:
@@ -191,7 +190,7 @@ def worker_export(a) -> dict:
         out = model.save_llama2(Path(a.workdir).parent / "export", progress=False)
         dt = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.glob("consolidated.*.pth"))
-    return {"export_s": dt, "export_MBps": size / dt / 1e6}
+    print(json.dumps({"export_s": dt, "export_MBps": size / dt / 1e6}))
 
 
 WORKERS = {"import": worker_import, "slowft": worker_slowft, "ram": worker_ram, "io": worker_io, "export": worker_export}
@@ -199,16 +198,27 @@ WORKERS = {"import": worker_import, "slowft": worker_slowft, "ram": worker_ram, 
 
 # ----------------------------------------------------------------------------- orchestration
 
-def run_worker(kind: str, a, **extra) -> dict:
+def start_worker(kind: str, a, **extra) -> subprocess.Popen:
     argv = [sys.executable, __file__, "--worker", kind, "--model", str(a.model), "--workdir", str(a.workdir),
-            "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
+            "--batch", str(a.batch), "--seq", str(a.seq), "--device", a.device,
             "--ram-budget", str(a.ram_budget), "--io-depth", str(a.io_depth)]
     for k, v in extra.items():
         argv += [f"--{k}", str(v)]
-    r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{kind} worker failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def reply(proc: subprocess.Popen, kind: str) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"{kind} worker failed (exit {proc.wait()})")
+    return json.loads(line)
+
+
+def run_once(kind: str, a, **extra) -> dict:
+    proc = start_worker(kind, a, **extra)
+    out = reply(proc, kind)
+    proc.wait()
+    return out
 
 
 def make_model(dim: int, layers: int, heads: int, cache: Path) -> Path:
@@ -232,7 +242,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=3, help="rounds: timed steps of each side, after warm-up")
     ap.add_argument("--ram-budget", type=float, default=0, help="bytes for resident blocks/inputs (0: all via disk)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--io-depth", type=int, default=1, help="blocks read ahead / writes pending")
@@ -245,55 +255,78 @@ def main() -> None:
     a = ap.parse_args()
     a.ram_budget = int(a.ram_budget)
     if a.worker:
-        print(json.dumps(WORKERS[a.worker](a)))
+        WORKERS[a.worker](a)
         return
 
     a.cache.mkdir(parents=True, exist_ok=True)
     a.model = make_model(a.dim, a.layers, a.heads, a.cache)
     a.workdir = a.cache / "work" / a.model.name
+    io_dir = a.cache / "work" / f"{a.model.name}-io-replay"
     r = {"machine": f"{os.cpu_count()} cpu, {os.uname().machine}, torch {torch.__version__}",
          "model": {"dim": a.dim, "layers": a.layers, "heads": a.heads, "vocab": VOCAB},
          "batch": a.batch, "seq": a.seq, "ram_budget": a.ram_budget, "io_depth": a.io_depth, "device": a.device}
-    r.update(run_worker("import", a))
-    r.update(run_worker("slowft", a))
+    r.update(run_once("import", a))
+    run_once("import", argparse.Namespace(**{**vars(a), "workdir": io_dir}))
+    r.update(run_once("export", a))
+
+    workers = {"slowft": start_worker("slowft", a)}
+    r.update(reply(workers["slowft"], "slowft"))
     trace_file = a.cache / "trace.json"
     trace_file.write_text(json.dumps({"trace": r.pop("trace")}))
-    io_dir = a.cache / "work" / f"{a.model.name}-io-replay"
-    if not (io_dir / "meta.json").exists():
-        run_worker("import", argparse.Namespace(**{**vars(a), "workdir": io_dir}))
-    r.update(run_worker("io", argparse.Namespace(**{**vars(a), "workdir": io_dir}), trace=trace_file))
-    r.update(run_worker("ram", a))
-    r.update(run_worker("export", a))
+    workers["io"] = start_worker("io", argparse.Namespace(**{**vars(a), "workdir": io_dir}), trace=trace_file)
+    workers["ram"] = start_worker("ram", a)
+    for kind in ("io", "ram"):
+        reply(workers[kind], kind)
+    times: dict[str, list[float]] = {k: [] for k in workers}
+    order = list(workers)
+    for i in range(a.steps):  # take turns, rotating who goes first
+        for kind in order[i % 3:] + order[: i % 3]:
+            workers[kind].stdin.write("step\n")
+            workers[kind].stdin.flush()
+            times[kind].append(reply(workers[kind], kind)["s"])
+    for kind, proc in workers.items():
+        proc.stdin.write("end\n")
+        proc.stdin.flush()
+        r[f"{kind}_peak_rss"] = reply(proc, kind).get("peak_rss")
+        proc.wait()
 
     units = r["unit_bytes"]
     block = max(v for k, v in units.items() if k.startswith("layers."))
     model_bytes = sum(units.values())
     x_bytes = r["x_bytes"]
-    ts, tc, ti = r["slowft_step_s"], r["compute_step_s"], r["io_step_s"]
+    ts, tc, ti = (statistics.median(times[k]) for k in ("slowft", "ram", "io"))
     read, written = sum(r["read_bytes"].values()), sum(r["written_bytes"].values())
     r.update({
+        "slowft_step_s": ts, "compute_step_s": tc, "io_step_s": ti, "steps_s": times,
         "ratio": ts / tc, "overlap_efficiency": max(tc, ti) / ts,
         "block_bytes": block, "model_bytes": model_bytes, "saved_inputs_bytes": x_bytes * a.layers,
         "read_per_model": read / model_bytes,
         "written_per_trainable_plus_inputs": written / (model_bytes + x_bytes * a.layers),
-        "rss_budget": 2.5 * block + x_bytes * a.layers + 0.5e9,
+        "rss_target": 2.5 * block + x_bytes * a.layers + 0.5e9,
     })
     if a.depth_sweep:
         sweep = {}
         for n in (4, 8, 16, 32):
-            b = argparse.Namespace(**{**vars(a), "steps": 1})
+            b = argparse.Namespace(**{**vars(a)})
             b.model = make_model(a.dim, n, a.heads, a.cache)
             b.workdir = a.cache / "work" / b.model.name
-            run_worker("import", b)
-            sweep[n] = run_worker("slowft", b)["slowft_peak_rss"]
+            run_once("import", b)
+            proc = start_worker("slowft", b)
+            reply(proc, "slowft")
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            sweep[n] = reply(proc, "slowft")["peak_rss"]
+            proc.wait()
         r["depth_sweep_peak_rss"] = sweep
         r["rss_32_over_8"] = sweep[32] / sweep[8]
 
     print(f"\nslowft bench: {r['machine']}; dim {a.dim}, {a.layers} layers, {a.heads} heads, vocab {VOCAB}; "
           f"batch {a.batch} x {a.seq}; SGD; ram budget {mb(a.ram_budget)}; io depth {a.io_depth}; device {a.device}")
-    print(f"  block {mb(block)}, model {mb(model_bytes)} (fp32), saved inputs {mb(x_bytes * a.layers)}")
-    print(f"  T_slowft   {ts:8.2f} s/step   peak RSS {mb(r['slowft_peak_rss'])}  (budget 2.5 blocks + inputs + 0.5 GB = {mb(r['rss_budget'])})")
-    print(f"  T_compute  {tc:8.2f} s/step   peak RSS {mb(r['compute_peak_rss'])}  (in RAM, per-block checkpointing)")
+    print(f"  block {mb(block)}, model {mb(model_bytes)} (fp32), saved inputs {mb(x_bytes * a.layers)}; "
+          f"median of {a.steps} interleaved rounds")
+    print(f"  T_slowft   {ts:8.2f} s/step   peak RSS {mb(r['slowft_peak_rss'])}  "
+          f"(target 2.5 blocks + inputs + 0.5 GB = {mb(r['rss_target'])})")
+    print(f"  T_compute  {tc:8.2f} s/step   peak RSS {mb(r['ram_peak_rss'])}  (in RAM, per-block checkpointing)")
     print(f"  T_io       {ti:8.2f} s/step   (the step's reads and writes, store alone)")
     print(f"  ratio T_slowft/T_compute {r['ratio']:.3f}; overlap efficiency max(T_compute, T_io)/T_slowft {r['overlap_efficiency']:.3f}")
     print(f"  per step: read {mb(read)} ({r['read_per_model']:.2f} x model), wrote {mb(written)} "
