@@ -9,7 +9,6 @@ and on a folder that finetune.py exported. Greedy unless --temperature is above 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import slowft

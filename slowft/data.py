@@ -5,6 +5,7 @@ uninterrupted one would, without saving a data position.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -57,6 +58,11 @@ class TokenData:
 
     def __len__(self) -> int:
         return self.tokens.numel()
+
+    def fingerprint(self) -> str:
+        """Identifies the token stream, so a run resumes only on the data it started with."""
+        digest = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()[:16]
+        return f"{len(self)} tokens, {digest}"
 
     def check(self, seq_len: int) -> None:
         if len(self) < seq_len + 1:

@@ -18,7 +18,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError

@@ -165,7 +165,7 @@ def test_unfinished_run_with_other_settings(good, tmp_path, fails):
     assert r.returncode == -9
     msg = fails(finetune.main, *train_args(good, tmp_path, "--steps", 3, "--device", "cpu", "--batch-size", 1,
                                            "--seq-len", 8, "--lr", 0.5), source=good)
-    assert "unfinished run with lr = 0.0001 (now 0.5)" in msg
+    assert "unfinished run with lr = 1e-05 (now 0.5)" in msg
 
 
 def test_a_real_process_prints_no_traceback(broken):

