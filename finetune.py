@@ -140,7 +140,7 @@ def show_continuation(model, tok, prompt: str, n: int, label: str) -> None:
 
 def resume_command() -> str:
     args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-    return "python " + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name] + args)
+    return " ".join(shlex.quote(x) for x in [Path(sys.executable).name, sys.argv[0], *args])
 
 
 def main(argv=None) -> int:
@@ -214,7 +214,8 @@ def plan_summary(model: OffloadedModel, a, out: Path) -> str:
     x_bytes = a.batch_size * a.seq_len * args.dim * m.compute_dtype.itemsize
     m.configure_memory(x_bytes)
     resident = m.cache.resident
-    per_step = 0 if resident else units + x_bytes * (args.n_layers - m.inputs.budget // max(1, x_bytes))
+    spilled = max(0, args.n_layers - m.inputs.budget // max(1, x_bytes))
+    per_step = 0 if resident else units + x_bytes * spilled
     mode = "all blocks resident in RAM" if resident else "streaming blocks from SSD"
     return "\n".join([
         f"model   {m.meta['source']['path']}: {m.n_params() / 1e6:,.1f}M parameters, {args.n_layers} layers, dim {args.dim}",

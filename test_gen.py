@@ -42,12 +42,13 @@ def main(argv=None) -> int:
         print(a.prompt, end="", flush=True)
         shown = [0]
 
-        def stream(text: str) -> None:  # print as tokens arrive: a 13B token takes seconds
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
+        def stream(text: str) -> None:  # print as tokens arrive (a 13B token takes seconds), holding trailing blanks
+            end = len(text.rstrip())
+            print(text[shown[0]:end], end="", flush=True)
+            shown[0] = max(shown[0], end)
 
         text = slowft.generate(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, on_text=stream)
-        print(text[shown[0]:], flush=True)
+        print(text[shown[0]:].rstrip(), flush=True)
     return 0
 
 

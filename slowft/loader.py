@@ -33,7 +33,7 @@ from .tokenizer import Tokenizer
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-BLOCK_PARAMS = (
+BLOCK_PARAMS = (  # a block's tensors, in the order of Meta's files
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
     "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
     "attention_norm.weight", "ffn_norm.weight",

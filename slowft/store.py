@@ -230,9 +230,6 @@ class Store:
     def unit_path(self, unit: str, version: int) -> Path:
         return self.root / "units" / f"{unit}.v{version:06d}.safetensors"
 
-    def has_unit(self, unit: str, version: int) -> bool:
-        return self.unit_path(unit, version).exists()
-
     def read_unit(self, unit: str, version: int, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         tensors, _ = read_safetensors(self.unit_path(unit, version), into)

@@ -18,7 +18,7 @@ from .atomic import temp_name
 from .cli import ArgumentParser, run
 from .data import read_text, text_files
 from .errors import SlowftError
-from .loader import DTYPE_NAMES, expected_shapes, unit_of, write_meta_checkpoint
+from .loader import BLOCK_PARAMS, DTYPE_NAMES, expected_shapes, unit_of, write_meta_checkpoint
 from .model import ModelArgs, Transformer, rope_frequencies
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
@@ -41,11 +41,8 @@ def train_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> int:
 
 def meta_key_order(n_layers: int) -> list[str]:
     """The order of keys in Meta's llama2 consolidated.NN.pth files."""
-    block = ["attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-             "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
-             "attention_norm.weight", "ffn_norm.weight"]
     keys = ["tok_embeddings.weight", "norm.weight", "output.weight"]
-    keys += [f"layers.{i}.{k}" for i in range(n_layers) for k in block]
+    keys += [f"layers.{i}.{k}" for i in range(n_layers) for k in BLOCK_PARAMS]
     return keys + ["rope.freqs"]
 
 

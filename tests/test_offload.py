@@ -18,6 +18,17 @@ def batch(vocab=512, B=2, T=16):
     return torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g)
 
 
+def io_of_second_step(model, opt):
+    """Bytes moved by one step after a first one (which creates optimizer state and the cache)."""
+    tokens, targets = batch()
+    model.step(tokens, targets, opt)
+    model.io.drain()
+    before = model.store.stats.snapshot()
+    model.step(tokens, targets, opt)
+    model.io.drain()
+    return model.store.stats.delta(model.store.stats.snapshot(), before)
+
+
 def train(model, steps=3):
     tokens, targets = batch()
     opt = slowft.Adalite(lr=0.01)
@@ -39,13 +50,7 @@ def test_delayed_background_io_equals_synchronous_io_bit_for_bit(gqa_model, tmp_
 
 def test_bytes_written_per_step_equal_file_sizes(gqa_model, tmp_path):
     with open_model(gqa_model, tmp_path / "w", ram_budget=0) as model:
-        tokens, targets = batch()
-        model.step(tokens, targets, slowft.Adalite(lr=0.01))  # creates optimizer state
-        model.io.drain()
-        before = model.store.stats.snapshot()
-        model.step(tokens, targets, slowft.Adalite(lr=0.01))
-        model.io.drain()
-        io = model.store.stats.delta(model.store.stats.snapshot(), before)
+        io = io_of_second_step(model, slowft.Adalite(lr=0.01))
         files = sorted((tmp_path / "w" / "units").iterdir())
         assert all(".v000002." in p.name for p in files)  # every unit rewritten once, old versions gone
         assert io["written"]["weights"] + io["written"]["optim"] == sum(p.stat().st_size for p in files)
@@ -60,15 +65,10 @@ def test_bytes_written_per_step_equal_file_sizes(gqa_model, tmp_path):
 
 def test_budget_larger_than_model_writes_nothing_between_syncs(gqa_model, tmp_path):
     with open_model(gqa_model, tmp_path / "w", ram_budget=10**9) as model:
-        tokens, targets = batch()
-        model.step(tokens, targets, slowft.SGD(lr=0.1))
-        model.io.drain()
-        before = model.store.stats.snapshot()
-        for _ in range(3):
-            model.step(tokens, targets, slowft.SGD(lr=0.1))
-        io = model.store.stats.delta(model.store.stats.snapshot(), before)
+        io = io_of_second_step(model, slowft.SGD(lr=0.1))
         assert model.cache.resident
         assert sum(io["read"].values()) == 0 and sum(io["written"].values()) == 0
+        before = model.store.stats.snapshot()
         model.sync()
         io = model.store.stats.delta(model.store.stats.snapshot(), before)
         assert io["written"]["weights"] > 0
@@ -78,21 +78,9 @@ def test_budget_larger_than_model_writes_nothing_between_syncs(gqa_model, tmp_pa
 def test_partial_budget_keeps_blocks_and_saves_reads(gqa_model, tmp_path, resident_blocks):
     with open_model(gqa_model, tmp_path / f"w{resident_blocks}", ram_budget=0) as model:
         block = max(model.unit_bytes[u] for u in model.layer_units)
-        tokens, targets = batch()
-        model.step(tokens, targets, slowft.SGD(lr=0.1))
-        model.io.drain()
-        before = model.store.stats.snapshot()
-        model.step(tokens, targets, slowft.SGD(lr=0.1))
-        model.io.drain()
-        streaming = model.store.stats.delta(model.store.stats.snapshot(), before)["read"]["weights"]
+        streaming = io_of_second_step(model, slowft.SGD(lr=0.1))["read"]["weights"]
     with open_model(gqa_model, tmp_path / f"v{resident_blocks}", ram_budget=0) as model:
         x = 2 * 16 * model.args.dim * 4
         model.ram_budget = resident_blocks * block + x * model.args.n_layers
-        tokens, targets = batch()
-        model.step(tokens, targets, slowft.SGD(lr=0.1))
-        model.io.drain()
-        before = model.store.stats.snapshot()
-        model.step(tokens, targets, slowft.SGD(lr=0.1))
-        model.io.drain()
-        kept = model.store.stats.delta(model.store.stats.snapshot(), before)["read"]["weights"]
+        kept = io_of_second_step(model, slowft.SGD(lr=0.1))["read"]["weights"]
     assert streaming - kept >= 2 * resident_blocks * block * 0.99
