@@ -300,8 +300,10 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path) 
     took = time.perf_counter() - started
     if loss is not None:
         read, written = sum(total["read"].values()), sum(total["written"].values())
-        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s; SSD read {gb(read)} ({gb(read / took)}/s), "
-              f"wrote {gb(written)} ({gb(written / took)}/s) in this run")
+        kinds = lambda d: ", ".join(f"{k} {gb(v)}" for k, v in d.items() if v)  # noqa: E731
+        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s\n"
+              f"SSD read {gb(read)} ({gb(read / took)}/s: {kinds(total['read'])}), "
+              f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run")
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
 
