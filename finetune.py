@@ -112,10 +112,14 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
 
 
 class StepLog:
-    """One JSON line per step in <out>/metrics.jsonl, appended with a single write (a log, not state)."""
+    """One JSON line per step in <out>/metrics.jsonl, appended with a single write (a log, not state).
+    A new run moves an earlier run's log aside rather than mixing into it; a resumed run appends."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed: bool):
         self.path = path
+        if not resumed and path.exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            os.replace(path, path.with_name(f"metrics-{stamp}.jsonl"))
 
     def write(self, record: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -181,7 +185,9 @@ def main(argv=None) -> int:
                         "repeat that run's command to resume it, or pass --reset-workdir to start over"
                     )
             print(f"resuming the unfinished run in {store.root}")
+            resumed = True
         else:
+            resumed = False
             if a.resume:
                 raise SlowftError(f"--resume: {store.root} holds no unfinished run; run without --resume to start one")
             if previous:
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
         model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget, a.io_depth)
         print(plan_summary(model, a, out))
         check_disk(model, a, out)
-        return train(model, a, tok, data, out)
+        return train(model, a, tok, data, out, resumed)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -242,10 +248,10 @@ def check_disk(model: OffloadedModel, a, out: Path) -> None:
         raise SlowftError(f"disk space: work dir needs {gb(work_bytes)} ({gb(free_work)} free), --out needs {gb(export_bytes)} ({gb(free_out)} free)")
 
 
-def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path) -> int:
+def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
     optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
-    log = StepLog(out / "metrics.jsonl")
+    log = StepLog(out / "metrics.jsonl", resumed)
 
     def on_signal(signum, frame):
         if model.stop_requested:
