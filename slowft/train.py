@@ -71,15 +71,13 @@ class _Update:
 
             p.register_post_accumulate_grad_hook(on_grad)
 
-    def abort(self, message: str):
-        self.model.cache.release(self.unit)
-        self.model.cache.drop(self.unit)
-        raise NonFiniteError(message)
-
     def finish(self) -> None:
-        """Hands the updated unit to write-behind, unless a gradient was not finite."""
+        """Hands the updated unit to write-behind, unless a gradient was not finite: then the
+        in-memory copy is dropped and nothing of it is written."""
         if self.bad and torch.stack(self.bad).any():
-            self.abort(f"non-finite gradient in {self.unit} at step {self.t}; stopped before writing it. Try a lower --lr")
+            self.model.cache.release(self.unit)
+            self.model.cache.drop(self.unit)
+            raise NonFiniteError(f"non-finite gradient in {self.unit} at step {self.t}; stopped before writing it. Try a lower --lr")
         self.model.cache.release(self.unit, updated=True)
 
 
@@ -149,7 +147,7 @@ def _stop(model, t: int, done: int, g, loss, batch: str, total: int):
     """Ctrl-C: make the work dir consistent with what is in memory, then raise Interrupted."""
     if done == 0:
         if model.cache.dirty:
-            model.commit(model.sweep, None)
+            model.commit()
     elif model.sweep is None or model.sweep["done"] != done:
         _commit_mid_step(model, t, done, g, loss, batch)
     model.io.drain()

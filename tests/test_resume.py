@@ -72,8 +72,9 @@ def test_sigkill_with_everything_resident_is_bit_identical(src, reference, tmp_p
     assert bits(tmp_path / "out" / "model") == reference
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(src, reference, tmp_path):
-    args = [src, *TRAIN, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+@pytest.mark.parametrize("budget", [0, "1G"], ids=["streaming", "resident"])
+def test_ctrl_c_stops_cleanly_and_resumes(src, reference, tmp_path, budget):
+    args = [src, *TRAIN, "--ram-budget", budget, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
     r = run_script("finetune.py", *args, env={"SLOWFT_FAULT": "backward_unit:8:sigint"})
     assert r.returncode == 130, r.stderr
     assert "stopped at step 2 with 3 of 5 units updated" in r.stderr and "--resume" in r.stderr
