@@ -222,7 +222,8 @@ def plan_summary(model: OffloadedModel, a, out: Path) -> str:
     resident = m.cache.resident
     spilled = max(0, args.n_layers - m.inputs.budget // max(1, x_bytes))
     per_step = 0 if resident else units + x_bytes * spilled
-    mode = "all blocks resident in RAM" if resident else "streaming blocks from SSD"
+    mode = "all blocks resident in RAM" if resident else (
+        "streaming blocks from SSD " + ("(direct, bypassing the page cache)" if m.store.direct else "(through the page cache, which holds them)"))
     return "\n".join([
         f"model   {m.meta['source']['path']}: {m.n_params() / 1e6:,.1f}M parameters, {args.n_layers} layers, dim {args.dim}",
         f"workdir {m.store.root} ({gb(units)} of {m.meta['storage_dtype']} weights)",

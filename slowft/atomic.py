@@ -4,6 +4,7 @@ A reader (or a process restarted after a power cut) sees the old file or the new
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -40,24 +41,30 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def write_atomic(path: Path, write, fault_point: str | None = None) -> int:
-    """Calls ``write(file)`` on a temp file, then makes it ``path``. Returns the bytes written."""
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yields a temp name beside ``path`` for the caller to write and fsync; then it becomes
+    ``path`` (renamed, folder fsynced), or is removed if the write failed."""
     path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            if fault_point:
-                faults.hit(fault_point)
-            fsync_file(f.fileno())
-            size = f.tell()
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return size
+
+
+def write_atomic(path: Path, write, fault_point: str | None = None) -> int:
+    """Calls ``write(file)`` on a temp file, then makes it ``path``. Returns the bytes written."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        if fault_point:
+            faults.hit(fault_point)
+        fsync_file(f.fileno())
+        return f.tell()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> int:

@@ -28,7 +28,7 @@ from . import faults
 from .atomic import fsync_dir, fsync_file, replace_dir, temp_name
 from .errors import SlowftError
 from .model import ModelArgs
-from .store import FORMAT, Store
+from .store import FORMAT, Store, empty_packed
 from .tokenizer import Tokenizer
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -235,7 +235,8 @@ class MetaSource:
         for unit in self.units_in_file_order():
             if unit in skip:
                 continue
-            full = {key: torch.empty(shapes[key], dtype=storage_dtype) for key in keys_of[unit]}
+            packed = empty_packed({unit_of(key)[1]: shapes[key] for key in keys_of[unit]}, storage_dtype)
+            full = {key: packed[unit_of(key)[1]] for key in keys_of[unit]}
             for k, path in enumerate(self.shards):
                 mapped = _load_shard(path)
                 for key, dest in full.items():
@@ -246,8 +247,8 @@ class MetaSource:
                     else:
                         dest.narrow(dim, k * piece.shape[dim], piece.shape[dim]).copy_(piece)
                 del mapped, piece
-            yield unit, {unit_of(key)[1]: t for key, t in full.items()}
-            del full
+            yield unit, packed
+            del full, packed
 
     def read_extras(self) -> dict[str, torch.Tensor]:
         sd = _load_shard(self.shards[0])

@@ -22,26 +22,40 @@ from dataclasses import dataclass
 
 import torch
 
-from .store import Store
+from .directio import aligned_region, round_up
+from .store import Store, pack
 
 
 class IOWorker:
-    """The disk threads (a reader and a writer). After a task fails, every later task fails too."""
+    """The disk threads: a reader, a writer, and a third that deletes superseded files (on a
+    filesystem mounted with ``discard`` an unlink waits for the SSD to trim, ~30 ms per block,
+    which must not hold up a read or write). After a task fails, every later task fails too;
+    a failed delete is no failure (a file left over is collected when the work dir is opened)."""
 
     def __init__(self, delay: float = 0.0, synchronous: bool = False):
         self._pools = None if synchronous else {
-            False: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-read"),
-            True: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowft-write"),
+            lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slowft-{lane}") for lane in ("read", "write", "tidy")
         }
         self._failed: BaseException | None = None
         self._writes: collections.deque[Future] = collections.deque()
+        self._tidies: collections.deque[Future] = collections.deque()
+        self._tidy_lock = threading.Lock()  # deletions are queued from the writer thread too
         # a finished read's future holds a whole unit: only its owner keeps it alive
         self._reads: weakref.WeakSet[Future] = weakref.WeakSet()
         self.delay = delay  # artificial latency before each write (tests: stale reads must not happen)
 
+    def _run(self, lane: str, task) -> Future:
+        if self._pools is None:  # synchronous mode runs it now: the reference the overlapped path is checked against
+            fut = Future()
+            try:
+                fut.set_result(task())
+            except BaseException as e:
+                fut.set_exception(e)
+            return fut
+        return self._pools[lane].submit(task)
+
     def submit(self, fn, *args, write: bool = False, after: Future | None = None) -> Future:
-        """Queues ``fn(*args)`` on the reader or writer thread, once ``after`` (a write) is done.
-        Synchronous mode runs it now: the reference the overlapped path is checked against."""
+        """Queues ``fn(*args)`` on the reader or writer thread, once ``after`` (a write) is done."""
         def run():
             if after is not None:
                 after.exception()
@@ -55,14 +69,7 @@ class IOWorker:
                 self._failed = e
                 raise
 
-        if self._pools is None:
-            fut = Future()
-            try:
-                fut.set_result(run())
-            except BaseException as e:
-                fut.set_exception(e)
-            return fut
-        fut = self._pools[write].submit(run)
+        fut = self._run("write" if write else "read", run)
         if write:
             while self._writes and self._writes[0].done():
                 self._writes.popleft()
@@ -70,6 +77,19 @@ class IOWorker:
         else:
             self._reads.add(fut)
         return fut
+
+    def tidy(self, fn, *args) -> None:
+        """Queues a deletion on the third thread; called only once nothing can need the file."""
+        def run():
+            try:
+                fn(*args)
+            except OSError:
+                pass
+
+        with self._tidy_lock:
+            while self._tidies and self._tidies[0].done():
+                self._tidies.popleft()
+            self._tidies.append(self._run("tidy", run))
 
     def throttle(self, max_writes: int) -> None:
         """Waits until at most ``max_writes`` writes are pending: bounds the RAM write-behind holds."""
@@ -82,12 +102,19 @@ class IOWorker:
         if self._failed is not None:
             raise self._failed
 
-    def drain(self) -> None:
-        """Waits for every queued task; raises the first failure."""
+    def drain(self, tidy: bool = True) -> None:
+        """Waits for every queued read and write (and, unless ``tidy`` is False, deletion); raises
+        the first failure."""
         for fut in list(self._reads):
             fut.exception()
         while self._writes:
             self._writes.popleft().exception()
+        while tidy:
+            with self._tidy_lock:
+                if not self._tidies:
+                    break
+                fut = self._tidies.popleft()
+            fut.result()
         self.check()
 
     def shutdown(self) -> None:
@@ -95,44 +122,39 @@ class IOWorker:
             pool.shutdown(wait=True)
 
 
-def layout(tensors: dict[str, torch.Tensor]) -> tuple:
-    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
-
-
 class BufferPool:
-    """Host buffers of a unit's layout, handed back once nothing uses them, so steady-state
-    streaming reuses memory instead of asking the allocator for a block per read (where the
-    allocator returns big blocks to the OS, as macOS's does, each would be fresh memory to
-    page-fault in); on a GPU it also gives a write's device-to-host copy a ready buffer.
-    glibc recycles such blocks itself, so on Linux/CPU this measured neither faster nor smaller."""
+    """Aligned host buffers that units were read into, handed back once nothing uses them, so
+    steady-state streaming reuses memory instead of asking the allocator for a unit per read
+    (fresh memory is page-faulted in, on the reader's time); on a GPU it also gives a write's
+    device-to-host copy a ready buffer. Holds at most ``max_bytes``."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self._free: dict[tuple, list[dict]] = {}
+        self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
-    def take(self, key: tuple | None) -> dict | None:
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """The smallest free buffer that holds ``nbytes`` (rounded up to whole pages), if any."""
         with self._lock:
-            free = self._free.get(key)
-            if not free:
+            fits = [b for b in self._free if b.numel() >= round_up(nbytes)]
+            if not fits:
                 return None
-            tensors = free.pop()
-            self.bytes -= _nbytes(tensors)
-            return tensors
+            buf = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buf)
+            self.bytes -= buf.numel()
+            return buf
 
     def give(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Keeps a buffer while the pool has room (bigger ones are left to the allocator)."""
-        n = _nbytes(tensors)
-        if any(t.device.type != "cpu" for t in tensors.values()) or n > self.max_bytes:
+        """Keeps the buffer under a unit's tensors while the pool has room (only a unit read or
+        packed here lives in one buffer; others are left to the allocator)."""
+        storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
+        if len(storages) != 1 or any(t.device.type != "cpu" for t in tensors.values()):
             return
+        buf = aligned_region(next(iter(tensors.values())).untyped_storage())
         with self._lock:
-            if self.bytes + n <= self.max_bytes:
-                self._free.setdefault(layout(tensors), []).append(tensors)
-                self.bytes += n
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+            if self.bytes + buf.numel() <= self.max_bytes:
+                self._free.append(buf)
+                self.bytes += buf.numel()
 
 
 @dataclass
@@ -156,8 +178,7 @@ class UnitCache:
         self.set_budget(budget)
         self.entries: dict[str, _Entry] = {}
         self.writing: dict[str, Future] = {}  # the latest write of each unit
-        self.pool = BufferPool(max_bytes=self.max_block)
-        self.layouts: dict[str, tuple] = {}  # of each unit, as last seen
+        self.pool = BufferPool(max_bytes=round_up(self.max_block))
         self.schedule: list[str] = []
         self.pos = 0
         self._uncommitted: list[Future] = []
@@ -168,9 +189,9 @@ class UnitCache:
         self.resident = budget >= sum(self.unit_bytes.values())
         blocks = [n for u, n in self.unit_bytes.items() if u.startswith("layers.")] or list(self.unit_bytes.values())
         self.max_block = max(blocks)
-        # room to stream blocks; a larger unit (a llama-vocab embedding or head) is loaded anyway
-        # when needed, evicting the rest
-        self.capacity = budget + (self.depth + 1) * self.max_block
+        # room to stream: the unit in use and ``depth`` blocks ahead, so a unit larger than a block
+        # (the embedding or head of a narrow model with llama's vocab) is read ahead too
+        self.capacity = budget + max(self.unit_bytes.values()) + self.depth * self.max_block
 
     # -- schedule
 
@@ -214,8 +235,7 @@ class UnitCache:
 
     def _start_read(self, unit: str) -> _Entry:
         after = self.writing.get(unit)  # a unit is never read before its pending write is done
-        into = self.pool.take(self.layouts.get(unit))
-        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], into, after=after))
+        entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], self.pool.take, after=after))
         self.entries[unit] = entry
         return entry
 
@@ -232,14 +252,22 @@ class UnitCache:
 
     # -- access
 
+    def _seek(self, unit: str) -> None:
+        """Moves along the schedule to ``unit``'s next use."""
+        n = len(self.schedule)
+        for d in range(n):
+            if self.schedule[(self.pos + d) % n] == unit:
+                self.pos = (self.pos + d) % n
+                return
+
+    def advance(self, unit: str) -> None:
+        """Marks the use of a unit already in hand (got long before): reads ahead from there."""
+        self._seek(unit)
+        self._prefetch()
+
     def get(self, unit: str, for_update: bool = False) -> dict[str, torch.Tensor]:
         """The unit's tensors on the device (storage dtype). Pinned until release()."""
-        if self.schedule:
-            n = len(self.schedule)
-            for d in range(n):
-                if self.schedule[(self.pos + d) % n] == unit:
-                    self.pos = (self.pos + d) % n
-                    break
+        self._seek(unit)
         entry = self.entries.get(unit)
         if entry is None:
             self._make_room(self.unit_bytes[unit], keep={unit})
@@ -248,7 +276,6 @@ class UnitCache:
         self._prefetch()
         if entry.reading is not None:
             cpu = entry.reading.result()
-            self.layouts[unit] = layout(cpu)
             if self.device.type == "cpu":
                 entry.tensors = cpu
             else:  # a synchronous copy: the host buffer is free again at once
@@ -273,13 +300,10 @@ class UnitCache:
             self._write(unit, entry.tensors)
 
     def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.layouts[unit] = layout(tensors)  # optimizer state may have joined the unit
         if self.device.type == "cpu":
             host = tensors
-        else:  # copy out into a recycled host buffer, handed back once written
-            host = self.pool.take(self.layouts[unit]) or {k: torch.empty(v.shape, dtype=v.dtype) for k, v in tensors.items()}
-            for k, v in tensors.items():
-                host[k].copy_(v)
+        else:  # copy out, packed as the file wants it, into a recycled host buffer handed back once written
+            host = pack(tensors, take=self.pool.take)
         fut = self.io.submit(self.store.write_unit, unit, self.versions[unit], host, write=True)
         if self.device.type != "cpu":
             self._give_when_done(fut, host)
@@ -312,10 +336,10 @@ class UnitCache:
             for d in deps:
                 d.result()
             self.store.write_journal({**journal, "versions": versions})
-            for u, v in superseded.items():
-                self.store.delete_unit(u, v)
+            for u, v in superseded.items():  # only now that the journal no longer names them
+                self.io.tidy(self.store.delete_unit, u, v)
             if old_grad:
-                self.store.delete_scratch(old_grad)
+                self.io.tidy(self.store.delete_scratch, old_grad)
 
         return self.io.submit(finish, write=True)
 
@@ -353,7 +377,7 @@ class SavedInputs:
         if i in self.spilled and i not in self.reading:
             def read():
                 x = self.store.read_scratch(f"input.{i}", "inputs")
-                self.store.delete_scratch(f"input.{i}")
+                self.store.delete_scratch(f"input.{i}")  # here, not tidied later: the next step reuses the name
                 return x
 
             self.reading[i] = self.io.submit(read, after=self.spilled[i])

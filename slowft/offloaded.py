@@ -116,10 +116,22 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
         raise
 
 
+def use_page_cache(streamed: int, spare: int) -> bool:
+    """Whether what streams through the work dir each step should go through the OS page cache:
+    only where the cache can hold all of it, with room to spare, between its write and its next
+    read. A model larger than memory would only be copied once more by the CPU and push out memory
+    in use, and is better read and written straight from the SSD."""
+    return 0 < streamed <= spare // 2
+
+
 class OffloadedModel:
     def __init__(self, store: Store, device: torch.device, compute_dtype: str = "float32",
-                 ram_budget: int | None = None, io_depth: int = 1, io: IOWorker | None = None):
+                 ram_budget: int | None = None, io_depth: int = 1, io: IOWorker | None = None,
+                 page_cache: str = "auto"):
         self.store, self.device = store, device
+        if page_cache not in ("auto", "on", "off"):
+            raise ValueError(f"page_cache {page_cache!r}: expected auto, on or off")
+        self.page_cache = page_cache
         if compute_dtype not in DTYPE_NAMES:
             raise SlowftError(f"--compute-dtype {compute_dtype}: expected one of {', '.join(DTYPE_NAMES)}")
         self.compute_dtype = DTYPE_NAMES[compute_dtype]
@@ -140,8 +152,9 @@ class OffloadedModel:
         self.io = io or IOWorker()
         self.cache = UnitCache(store, self.io, device, versions, self.unit_bytes, self.ram_budget, io_depth)
         self.inputs = SavedInputs(store, self.io, device, 0)
-        self._block = TransformerBlock(self.args).to("meta")
-        self._head = Head(self.args).to("meta")
+        with torch.device("meta"):  # code only: each call passes a unit's tensors
+            self._block = TransformerBlock(self.args)
+            self._head = Head(self.args)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_file: str | None = self.sweep["grad"] if self.sweep else None
         self.stop_requested = False  # set from a signal handler; honoured between units
@@ -164,7 +177,8 @@ class OffloadedModel:
         return sum(torch.Size(s).numel() for s in expected_shapes(self.args, with_extras=False).values())
 
     def configure_memory(self, x_bytes: int) -> None:
-        """Splits the RAM budget: all units if they fit (no unit I/O at all), then saved inputs."""
+        """Splits the RAM budget: all units if they fit (no unit I/O at all), then saved inputs;
+        and decides whether what streams goes through the page cache (``use_page_cache``)."""
         units = sum(self.unit_bytes.values())
         inputs = x_bytes * self.args.n_layers
         if self.ram_budget >= units:
@@ -174,6 +188,12 @@ class OffloadedModel:
             unit_budget = self.ram_budget - input_budget
         self.cache.set_budget(unit_budget)
         self.inputs.budget = input_budget
+        if self.page_cache == "auto":
+            streamed = 0 if self.cache.resident else units - unit_budget + max(0, inputs - input_budget)
+            spare = psutil.virtual_memory().available - (self.ram_budget if self.device.type != "cuda" else 0)
+            self.store.direct = not use_page_cache(streamed, spare)
+        else:
+            self.store.direct = self.page_cache == "off"
 
     def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < start + T:

@@ -28,11 +28,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import faults
-from .atomic import fsync_dir, write_atomic, write_bytes_atomic
+from .atomic import fsync_dir, write_bytes_atomic
+from .directio import ALIGN, aligned_empty, read_file, round_up, write_file_atomic
 from .errors import SlowftError
 
 FORMAT = 1
@@ -48,60 +50,120 @@ CATEGORIES = ("weights", "optim", "inputs", "grads", "journal")
 
 # ----------------------------------------------------------------------------- safetensors codec
 
-def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Writes the safetensors layout; tensors are ordered by element size so every offset is aligned."""
-    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
-    header, offset = {}, 0
-    for k in order:
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int, int]]]:
+    """The file's first bytes (length + JSON header) and each tensor's (key, offset, size) after them.
+    Tensors are ordered by element size so every offset is aligned to its dtype; the header is
+    padded with spaces (as the format allows) so the data starts on a page boundary."""
+    header, spans, offset = {}, [], 0
+    for k in sorted(tensors, key=lambda k: -tensors[k].element_size()):
         t = tensors[k]
         n = t.numel() * t.element_size()
         header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        spans.append((k, offset, n))
         offset += n
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for k in order:
-        t = tensors[k].detach()
-        if t.numel():
-            f.write(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    return struct.pack("<Q", len(raw)) + raw, spans
 
 
-def read_safetensors(path: Path, into: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads each tensor straight into its own allocation, or into the matching tensor of ``into``
-    (a recycled buffer): no second copy, and the GIL is released while reading. Separate tensors,
-    not views of one buffer, so in-place updates of one never look to autograd like changes to
-    another."""
+def _packed(tensors: dict[str, torch.Tensor], start: int, spans) -> torch.Tensor | None:
+    """The buffer that already holds ``tensors`` exactly where the file wants them (data from
+    ``start``), as read_safetensors leaves them: such a unit is written without a copy."""
+    if not spans or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors.values()):
+        return None
+    storage = tensors[spans[0][0]].untyped_storage()
+    base = tensors[spans[0][0]].data_ptr() - spans[0][1] - start
+    end = base + round_up(start + spans[-1][1] + spans[-1][2])
+    if base % ALIGN or base < storage.data_ptr() or end > storage.data_ptr() + storage.nbytes():
+        return None
+    for k, offset, _ in spans:
+        t = tensors[k]
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.data_ptr() != base + start + offset:
+            return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                       take: Callable[[int], torch.Tensor | None] | None = None) -> tuple[torch.Tensor, int]:
+    """The whole file in an aligned buffer: (buffer, file size). Tensors that a read left packed are
+    used in place (only the header is written in front of them); others are copied into
+    ``take(size)`` or a new buffer (on a GPU, this is the copy to the host)."""
+    head, spans = _layout(tensors, metadata)
+    size = len(head) + (spans[-1][1] + spans[-1][2] if spans else 0)
+    buf = _packed(tensors, len(head), spans)
+    if buf is None:
+        buf = take(size) if take else None
+        if buf is None or buf.numel() < round_up(size):
+            buf = aligned_empty(size)
+        for k, offset, n in spans:
+            if n:
+                start = len(head) + offset
+                buf[start : start + n].view(tensors[k].dtype).view(tensors[k].shape).copy_(tensors[k].detach())
+    buf[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+    return buf, size
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     fault_point: str | None = None, direct: bool = True) -> int:
+    """Writes a safetensors file atomically (``direct``: bypassing the page cache); returns its size."""
+    buf, size = encode_safetensors(tensors, metadata)
+    return write_file_atomic(path, buf, size, fault_point, direct)
+
+
+def _decode(buf: torch.Tensor, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+    """The tensors of a file image in ``buf``. Each is its own tensor over the buffer, not a view of
+    it, so in-place updates of one never look to autograd like changes to another; written back
+    with their layout unchanged, the buffer goes out as it is."""
+    if size < 8:
+        raise ValueError("shorter than a header")
+    (n,) = struct.unpack("<Q", buf[:8].numpy().tobytes())
+    if n > size - 8:
+        raise ValueError("header runs past the end")
+    header = json.loads(buf[8 : 8 + n].numpy().tobytes())
+    metadata = header.pop("__metadata__", {}) or {}
+    storage, at = buf.untyped_storage(), buf.storage_offset() + 8 + n
+    tensors = {}
+    for k, info in header.items():
+        b, e = info["data_offsets"]
+        dtype, shape = _CODES[info["dtype"]], info["shape"]
+        if e > size - 8 - n or torch.Size(shape).numel() * dtype.itemsize != e - b:
+            raise ValueError(f"tensor {k}: {e - b} bytes at {b} for shape {shape}; file is {size} bytes")
+        if (at + b) % dtype.itemsize:  # a file laid out by someone else: copy out
+            tensors[k] = buf[8 + n + b : 8 + n + e].clone().view(dtype).view(shape)
+        else:
+            tensors[k] = torch.empty(0, dtype=dtype).set_(storage, (at + b) // dtype.itemsize, shape)
+    return tensors, metadata, size
+
+
+def read_safetensors(path: Path, take: Callable[[int], torch.Tensor | None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads a whole file into one aligned buffer (``take(nbytes)`` may lend a recycled one), in a
+    single pass with the GIL released. Returns (tensors, metadata)."""
+    return _load(path, take)[:2]
+
+
+def _load(path: Path, take=None, direct: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header runs past the end")
-            header = json.loads(f.read(n))
-            metadata = header.pop("__metadata__", {}) or {}
-            tensors = {}
-            for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                b, e = info["data_offsets"]
-                dtype, shape = _CODES[info["dtype"]], info["shape"]
-                t = (into or {}).get(k)
-                if t is None or t.dtype != dtype or list(t.shape) != shape:
-                    t = torch.empty(shape, dtype=dtype)
-                if t.numel() * t.element_size() != e - b:
-                    raise ValueError(f"tensor {k} has {e - b} bytes for shape {info['shape']}")
-                view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
-                f.seek(8 + n + b)
-                while done < len(view):
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise ValueError("file is shorter than its header says")
-                    done += got
-                tensors[k] = t
-    except (OSError, ValueError, KeyError, struct.error) as e:
+        return _decode(*read_file(path, take, direct))
+    except (OSError, EOFError, ValueError, KeyError, struct.error) as e:
         raise SlowftError(f"{path}: unreadable work-dir file ({e}); expected a complete safetensors file") from None
-    return tensors, metadata
+
+
+def empty_packed(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors laid out in one buffer as their file will be: filled in place (as
+    import fills them), they are written without a copy."""
+    head, spans = _layout({k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}, None)
+    size = len(head) + (spans[-1][1] + spans[-1][2] if spans else 0)
+    buf = aligned_empty(size)
+    buf[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+    return _decode(buf, size)[0]
+
+
+def pack(tensors: dict[str, torch.Tensor], take: Callable[[int], torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    """Host copies of ``tensors`` laid out in one buffer as their file will be, so writing them
+    needs no further copy (on a GPU, this is the copy to the host)."""
+    return _decode(*encode_safetensors(tensors, take=take))[0]
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -143,6 +205,7 @@ class Store:
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
         self.stats = IOStats()
+        self.direct = True  # units and scratch bypass the page cache (see directio); the model decides
         self._lock_fd = None
         self._open()
 
@@ -219,7 +282,7 @@ class Store:
         return self.root / name
 
     def write_extras(self, tensors: dict[str, torch.Tensor]) -> None:
-        write_atomic(self.root / "extras.safetensors", lambda f: write_safetensors(f, tensors))
+        save_safetensors(self.root / "extras.safetensors", tensors)
 
     def read_extras(self) -> dict[str, torch.Tensor]:
         path = self.root / "extras.safetensors"
@@ -230,18 +293,22 @@ class Store:
     def unit_path(self, unit: str, version: int) -> Path:
         return self.root / "units" / f"{unit}.v{version:06d}.safetensors"
 
-    def read_unit(self, unit: str, version: int, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def read_unit(self, unit: str, version: int, take: Callable[[int], torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """A unit's tensors, all in one aligned buffer (``take(nbytes)`` may lend a recycled one)."""
         t0 = time.perf_counter()
-        tensors, _ = read_safetensors(self.unit_path(unit, version), into)
+        tensors, _, n = _load(self.unit_path(unit, version), take, self.direct)
         dt = time.perf_counter() - t0
-        self.stats.add("read", "weights", _nbytes(tensors, False), dt)
-        self.stats.add("read", "optim", _nbytes(tensors, True), 0.0)
+        optim = _nbytes(tensors, True)
+        self.stats.add("read", "weights", n - optim, dt)
+        self.stats.add("read", "optim", optim, 0.0)
         return tensors
 
     def write_unit(self, unit: str, version: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Writes a unit as a new file; tensors still packed as read_unit left them go out uncopied."""
         t0 = time.perf_counter()
         faults.hit("unit_write")
-        n = write_atomic(self.unit_path(unit, version), lambda f: write_safetensors(f, tensors), "unit_write_data")
+        buf, size = encode_safetensors(tensors)
+        n = write_file_atomic(self.unit_path(unit, version), buf, size, "unit_write_data", self.direct)
         dt = time.perf_counter() - t0
         optim = _nbytes(tensors, True)
         self.stats.add("written", "weights", n - optim, dt)
@@ -266,17 +333,17 @@ class Store:
 
     def write_scratch(self, name: str, tensor: torch.Tensor, category: str) -> int:
         t0 = time.perf_counter()
-        n = write_atomic(self.root / "scratch" / f"{name}.safetensors", lambda f: write_safetensors(f, {"x": tensor}),
-                         "scratch_write_data")
+        n = save_safetensors(self.root / "scratch" / f"{name}.safetensors", {"x": tensor}, fault_point="scratch_write_data",
+                             direct=self.direct)
         self.stats.add("written", category, n, time.perf_counter() - t0)
         return n
 
     def read_scratch(self, name: str, category: str) -> torch.Tensor:
         t0 = time.perf_counter()
         path = self.root / "scratch" / f"{name}.safetensors"
-        x = read_safetensors(path)[0]["x"]
-        self.stats.add("read", category, x.numel() * x.element_size(), time.perf_counter() - t0)
-        return x
+        tensors, _, n = _load(path, direct=self.direct)
+        self.stats.add("read", category, n, time.perf_counter() - t0)
+        return tensors["x"]
 
     def delete_scratch(self, name: str) -> None:
         (self.root / "scratch" / f"{name}.safetensors").unlink(missing_ok=True)

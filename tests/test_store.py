@@ -8,13 +8,12 @@ from safetensors.torch import load_file, save_file
 from slowft import faults
 from slowft.atomic import write_atomic
 from slowft.errors import SlowftError
-from slowft.store import Store, read_safetensors, write_safetensors
+from slowft.store import Store, read_safetensors, save_safetensors
 
 
 def test_unit_files_are_standard_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4), "d": torch.ones(2, 2, dtype=torch.float16)}
-    with open(tmp_path / "x.safetensors", "wb") as f:
-        write_safetensors(f, tensors, {"k": "v"})
+    save_safetensors(tmp_path / "x.safetensors", tensors, {"k": "v"})
     theirs = load_file(tmp_path / "x.safetensors")
     ours, meta = read_safetensors(tmp_path / "x.safetensors")
     assert meta == {"k": "v"}
