@@ -1,5 +1,6 @@
 """One training step with the weights on SSD: forward saving each block's input, then a manual
-backward, last unit first, that recomputes the unit, updates it at once and writes it back.
+backward, last unit first, that recomputes the unit, updates it at once and writes it back. (The
+top block's forward keeps its autograd graph instead: its backward follows the head's at once.)
 
 Only one unit's gradients ever exist: each parameter is updated by a hook the moment autograd has
 its gradient (LOMO), then the gradient is dropped. Dropout masks come from ``SeededDropout``, so
@@ -24,7 +25,7 @@ from .errors import Interrupted, NonFiniteError, SlowftError
 from .model import SeededDropout
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
-LOGITS_CHUNK_BYTES = 32 << 20  # the head computes the loss this many bytes of logits at a time
+LOGITS_CHUNK_BYTES = 64 << 20  # the head computes the loss this many bytes of logits at a time
 
 
 def batch_id(tokens: torch.Tensor, targets: torch.Tensor) -> str:
@@ -71,6 +72,23 @@ class _Update:
 
             p.register_post_accumulate_grad_hook(on_grad)
 
+    def run(self, fn, inp: torch.Tensor) -> torch.Tensor:
+        """``fn(weights, inp)`` with autograd, each weight's update hooked to its gradient."""
+        self.hook_all()
+        self.x = inp.detach().requires_grad_(inp.is_floating_point())
+        with torch.enable_grad():
+            self.out = fn(self.params, self.x)
+        return self.out
+
+    def backward(self, g_out: torch.Tensor) -> torch.Tensor | None:
+        """Backpropagates ``g_out`` through what run() computed, updating the weights as their
+        gradients arrive, and hands the unit on; returns the gradient of the input."""
+        self.model.cache.advance(self.unit)  # read ahead from here (run() may have been long ago)
+        out, self.out = self.out, None
+        out.backward(g_out)
+        self.finish()
+        return self.x.grad
+
     def finish(self) -> None:
         """Hands the updated unit to write-behind, unless a gradient was not finite: then the
         in-memory copy is dropped and nothing of it is written."""
@@ -85,19 +103,17 @@ def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor, 
     """Recomputes ``fn(weights, inp)``, backpropagates ``g_out`` and updates the unit's weights in
     place as each gradient arrives. Returns the gradient of ``inp``."""
     u = _Update(model, unit, optimizer, t)
-    u.hook_all()
-    x = inp.detach().requires_grad_(inp.is_floating_point())
-    fn(u.params, x).backward(g_out)
-    u.finish()
-    return x.grad
+    u.run(fn, inp)
+    return u.backward(g_out)
 
 
 def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: int):
     """Loss and backward of the final norm and output projection, a chunk of tokens at a time so
-    the [tokens, vocab] logits never exist whole. The output's gradient (as large as the output
-    itself with llama's vocab) is accumulated in place, the cross-entropy gradient written out
-    (softmax - one-hot) rather than left to autograd, which would make a new [vocab, dim] tensor
-    per chunk; the head is updated once all chunks are in. Returns (grad of h, loss as a float)."""
+    the [tokens, vocab] logits never exist whole; each chunk's logits become its gradient in place
+    (softmax - one-hot, written out rather than left to autograd, which would also make a new
+    [vocab, dim] tensor per chunk). The output's gradient, as large as the output itself with
+    llama's vocab, is accumulated in place and the head updated once all chunks are in.
+    Returns (grad of h, loss as a float)."""
     u = _Update(model, "head", optimizer, t)
     W, nw = u.params["output.weight"].detach(), u.params["norm.weight"]
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
@@ -110,18 +126,19 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
     for s in range(0, flat_h.shape[0], per):
         x, tgt = flat_h[s : s + per].detach().requires_grad_(True), flat_t[s : s + per]
         normed = model.norm_fn(nw, x)
-        grad = torch.log_softmax((normed.detach() @ W.T).float(), dim=-1)
+        logits = (normed.detach() @ W.T).float()
         keep = tgt != -1
         rows, cols = keep.nonzero().squeeze(1), tgt[keep]
-        loss -= grad[rows, cols].sum() / n
-        grad.exp_()  # d(sum of losses / n) / d logits = (softmax - one-hot) / n, in place
+        lse = torch.logsumexp(logits, dim=-1)
+        loss += (lse[rows] - logits[rows, cols]).sum() / n
+        grad = logits.sub_(lse[:, None]).exp_()  # d(sum of losses / n) / d logits = (softmax - one-hot) / n
         grad[rows, cols] -= 1.0
         grad *= keep[:, None] / n
         dW.addmm_(grad.T, normed.detach().float())
-        gx, gnw = torch.autograd.grad(normed, [x, nw], (grad @ W.float()).to(normed.dtype))
+        gx, gnw = torch.autograd.grad(normed, [x, nw], (grad.to(W.dtype) @ W).to(normed.dtype))
         g[s : s + per] = gx
         dnw += gnw
-        del grad
+        del logits, grad
     if not torch.isfinite(loss):
         model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
@@ -186,6 +203,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
     cache.plan(forward + bwd[done:])
     model.inputs.start(n_inputs, x_bytes)
     h = None
+    top = None  # the top block runs with autograd in the forward: its backward comes right after the head's, without a recompute
     try:
         with torch.no_grad():
             if forward:
@@ -193,9 +211,13 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 for i in range(n_run):
                     if model.stop_requested:
                         _stop(model, t, done, None, None, batch, len(bwd))
-                    model.inputs.save(i, h)
                     faults.hit("forward_block")
-                    h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
+                    if i == L - 1:  # (only reached when nothing is updated yet)
+                        top = _Update(model, f"layers.{i}", optimizer, t + 1)
+                        h = top.run(lambda w, x: model.block_fn(w, x, rope, 0, None, at(L - 1)), h).detach()
+                    else:
+                        model.inputs.save(i, h)
+                        h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
                 if 0 < done <= L:
                     model.inputs.save(n_run, h)
 
@@ -216,14 +238,21 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 model.inputs.prefetch(i)
                 if i > 0:
                     model.inputs.prefetch(i - 1)
-                x = model.inputs.load(i)
-                g = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
+                if top is not None and unit == top.unit:
+                    kept, top = top, None
+                    g = kept.backward(g)
+                else:
+                    x = model.inputs.load(i)
+                    g = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
             if every and k + 1 - last_commit >= every and k + 1 < len(bwd):
                 _commit_mid_step(model, t, k + 1, g, loss, batch)
                 last_commit = k + 1
     except NonFiniteError:
         model.io.drain()
         raise
+    finally:
+        if top is not None:  # stopped before its backward: let the cache have it back
+            model.cache.release(top.unit)
 
     model.step_count, model.sweep = t + 1, None
     model.inputs.clear()

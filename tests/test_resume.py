@@ -112,3 +112,41 @@ def test_nan_loss_stops_before_any_write(src, tmp_path):
     for unit, version in journal["versions"].items():
         tensors, _ = read_safetensors(tmp_path / "w" / "units" / f"{unit}.v{version:06d}.safetensors")
         assert all(torch.isfinite(t).all() for t in tensors.values()), unit
+
+
+def test_stop_between_forward_and_backward_leaves_the_model_usable(src, tmp_path):
+    """Python API: a stop requested while the top block's forward keeps its graph, honoured before
+    any update, hands that block back to the cache; the step then reruns to the same weights."""
+    import slowft
+
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def train(model, stop_at=None):
+        block_fn, calls = model.block_fn, []
+
+        def spy(w, x, *args):
+            calls.append(torch.is_grad_enabled())
+            if stop_at == model.step_count and calls[-1] and len(calls) == model.args.n_layers:
+                model.stop_requested = True  # the top block's forward: the only one with autograd
+            return block_fn(w, x, *args)
+
+        model.block_fn = spy
+        opt = slowft.Adalite(lr=1e-3)
+        for _ in range(3):
+            calls.clear()
+            try:
+                model.step(tokens, tokens, opt, dropout=0.1, seed=2)
+            except slowft.Interrupted:
+                top = model.cache.entries.get(f"layers.{model.args.n_layers - 1}")
+                assert top is None or top.pins == 0
+                model.stop_requested, stop_at = False, None
+                model.step(tokens, tokens, opt, dropout=0.1, seed=2)
+        model.sync()
+        return dict(model.named_tensors())
+
+    with slowft.load(src, workdir=tmp_path / "a", device="cpu", ram_budget=0, progress=False) as model:
+        want = train(model)
+    with slowft.load(src, workdir=tmp_path / "b", device="cpu", ram_budget=0, progress=False) as model:
+        got = train(model, stop_at=1)
+        assert model.step_count == 3
+    assert all(torch.equal(got[k], want[k]) for k in want)
