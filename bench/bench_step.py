@@ -35,8 +35,14 @@ VOCAB = 32000
 
 
 def peak_rss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
+    """This process's peak RSS. On Linux from VmHWM: ru_maxrss of a child started with vfork
+    (as subprocess does) starts at its parent's peak, which would hide the child's own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
 
 
 def batch(a):
@@ -100,13 +106,13 @@ def worker_slowft(a) -> None:
     store = Store(a.workdir)
     trace = [False, []]
     trace_store(store, trace)
-    model = OffloadedModel(store, torch.device(a.device), ram_budget=a.ram_budget, io_depth=a.io_depth)
+    model = OffloadedModel(store, torch.device(a.device), ram_budget=a.ram_budget, io_depth=a.io_depth, page_cache=a.page_cache)
     tokens, targets = batch(a)
     opt = slowft.SGD(lr=1e-5)
 
     def step():
         model.step(tokens, targets, opt)
-        model.io.drain()  # its writes belong to it
+        model.io.drain(tidy=False)  # its writes belong to it; deleting old versions runs on, as between steps of a run
 
     step()  # warm-up
     before, trace[0] = store.stats.snapshot(), True
@@ -114,6 +120,7 @@ def worker_slowft(a) -> None:
     trace[0] = False
     io = store.stats.delta(store.stats.snapshot(), before)
     ready = {"read_bytes": io["read"], "written_bytes": io["written"], "trace": trace[1], "resident": model.cache.resident,
+             "page_cache": not store.direct,
              "unit_bytes": model.unit_bytes, "x_bytes": a.batch * a.seq * model.args.dim * 4}
     serve(ready, step, lambda: {"peak_rss": peak_rss()})
     model.close()
@@ -153,22 +160,26 @@ def worker_io(a) -> None:
     """Replays a recorded step's store calls, synchronously, with no compute."""
     from slowft.store import Store
 
+    from concurrent.futures import ThreadPoolExecutor
+
     rec = json.loads(Path(a.trace).read_text())
+    tidy = ThreadPoolExecutor(max_workers=1)  # deletions run in the background, as slowft's do
     store = Store(a.workdir)
+    store.direct = a.page_cache != "on"  # as the slowft worker's store decided
     current = {u: max(v) for u, v in store.unit_versions().items()}
     units = {u: store.read_unit(u, v) for u, v in current.items()}  # the tensors to write back
 
     def step():
-        scratch, pending = {}, {}
+        scratch, superseded = {}, {}
         for name, args in rec["trace"]:
             if name == "read_unit":
                 store.read_unit(args[0], current[args[0]])
-            elif name == "write_unit":
-                pending[args[0]] = current[args[0]] + 1
-                store.write_unit(args[0], pending[args[0]], units[args[0]])
-            elif name == "delete_unit":  # after the commit: the old version goes
-                store.delete_unit(args[0], current[args[0]])
-                current[args[0]] = pending.pop(args[0])
+            elif name == "write_unit":  # a new version, read from now on
+                superseded.setdefault(args[0], []).append(current[args[0]])
+                current[args[0]] += 1
+                store.write_unit(args[0], current[args[0]], units[args[0]])
+            elif name == "delete_unit" and superseded.get(args[0]):  # after the commit: the old version goes
+                tidy.submit(store.delete_unit, args[0], superseded[args[0]].pop(0))
             elif name == "write_scratch":
                 x = scratch.setdefault(tuple(args[1]), torch.zeros(args[1]))
                 store.write_scratch(args[0], x, args[2])
@@ -178,6 +189,9 @@ def worker_io(a) -> None:
                 store.delete_scratch(args[0])
             elif name == "write_json":
                 store.write_json("journal-bench.json", {"versions": current})
+        for unit, versions in superseded.items():  # deletions the recorded step left to the next
+            for v in versions:
+                tidy.submit(store.delete_unit, unit, v)
 
     serve({}, step, dict)
 
@@ -201,7 +215,7 @@ WORKERS = {"import": worker_import, "slowft": worker_slowft, "ram": worker_ram, 
 def start_worker(kind: str, a, **extra) -> subprocess.Popen:
     argv = [sys.executable, __file__, "--worker", kind, "--model", str(a.model), "--workdir", str(a.workdir),
             "--batch", str(a.batch), "--seq", str(a.seq), "--device", a.device,
-            "--ram-budget", str(a.ram_budget), "--io-depth", str(a.io_depth)]
+            "--ram-budget", str(a.ram_budget), "--io-depth", str(a.io_depth), "--page-cache", a.page_cache]
     for k, v in extra.items():
         argv += [f"--{k}", str(v)]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -246,6 +260,8 @@ def main() -> None:
     ap.add_argument("--ram-budget", type=float, default=0, help="bytes for resident blocks/inputs (0: all via disk)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--io-depth", type=int, default=1, help="blocks read ahead / writes pending")
+    ap.add_argument("--page-cache", choices=["auto", "on", "off"], default="auto",
+                    help="stream through the OS page cache (auto: where it holds the model, as here; off: as for a model larger than RAM)")
     ap.add_argument("--depth-sweep", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "slowft-bench")
     ap.add_argument("--worker", choices=list(WORKERS))
@@ -264,7 +280,8 @@ def main() -> None:
     io_dir = a.cache / "work" / f"{a.model.name}-io-replay"
     r = {"machine": f"{os.cpu_count()} cpu, {os.uname().machine}, torch {torch.__version__}",
          "model": {"dim": a.dim, "layers": a.layers, "heads": a.heads, "vocab": VOCAB},
-         "batch": a.batch, "seq": a.seq, "ram_budget": a.ram_budget, "io_depth": a.io_depth, "device": a.device}
+         "batch": a.batch, "seq": a.seq, "ram_budget": a.ram_budget, "io_depth": a.io_depth, "device": a.device,
+         "page_cache_flag": a.page_cache}
     r.update(run_once("import", a))
     run_once("import", argparse.Namespace(**{**vars(a), "workdir": io_dir}))
     r.update(run_once("export", a))
@@ -273,7 +290,8 @@ def main() -> None:
     r.update(reply(workers["slowft"], "slowft"))
     trace_file = a.cache / "trace.json"
     trace_file.write_text(json.dumps({"trace": r.pop("trace")}))
-    workers["io"] = start_worker("io", argparse.Namespace(**{**vars(a), "workdir": io_dir}), trace=trace_file)
+    io_args = argparse.Namespace(**{**vars(a), "workdir": io_dir, "page_cache": "on" if r["page_cache"] else "off"})
+    workers["io"] = start_worker("io", io_args, trace=trace_file)
     workers["ram"] = start_worker("ram", a)
     for kind in ("io", "ram"):
         reply(workers[kind], kind)
@@ -321,7 +339,8 @@ def main() -> None:
         r["rss_32_over_8"] = sweep[32] / sweep[8]
 
     print(f"\nslowft bench: {r['machine']}; dim {a.dim}, {a.layers} layers, {a.heads} heads, vocab {VOCAB}; "
-          f"batch {a.batch} x {a.seq}; SGD; ram budget {mb(a.ram_budget)}; io depth {a.io_depth}; device {a.device}")
+          f"batch {a.batch} x {a.seq}; SGD; ram budget {mb(a.ram_budget)}; io depth {a.io_depth}; device {a.device}; "
+          f"page cache {'on' if r['page_cache'] else 'off'} (--page-cache {a.page_cache})")
     print(f"  block {mb(block)}, model {mb(model_bytes)} (fp32), saved inputs {mb(x_bytes * a.layers)}; "
           f"median of {a.steps} interleaved rounds")
     print(f"  T_slowft   {ts:8.2f} s/step   peak RSS {mb(r['slowft_peak_rss'])}  "
