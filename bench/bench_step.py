@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +160,6 @@ def worker_ram(a) -> None:
 def worker_io(a) -> None:
     """Replays a recorded step's store calls, synchronously, with no compute."""
     from slowft.store import Store
-
-    from concurrent.futures import ThreadPoolExecutor
 
     rec = json.loads(Path(a.trace).read_text())
     tidy = ThreadPoolExecutor(max_workers=1)  # deletions run in the background, as slowft's do

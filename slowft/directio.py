@@ -44,6 +44,12 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, round_up(max(1, nbytes))), dtype=torch.uint8)
 
 
+def borrow(nbytes: int, take: Callable[[int], torch.Tensor | None] | None) -> torch.Tensor:
+    """``take(nbytes)``'s recycled buffer where it lends one big enough, else a new one."""
+    buf = take(nbytes) if take else None
+    return buf if buf is not None and buf.numel() >= round_up(nbytes) else aligned_empty(nbytes)
+
+
 def aligned_region(storage: torch.UntypedStorage) -> torch.Tensor:
     """The largest aligned run of whole pages inside ``storage``, as a uint8 tensor."""
     skip = -storage.data_ptr() % ALIGN
@@ -85,9 +91,7 @@ def read_file(path: Path, take: Callable[[int], torch.Tensor | None] | None = No
     fd, aligned = _open(path, os.O_RDONLY, direct)
     try:
         size = os.fstat(fd).st_size
-        buf = take(size) if take else None
-        if buf is None or buf.numel() < round_up(size):
-            buf = aligned_empty(size)
+        buf = borrow(size, take)
         view, f, done = memoryview(buf.numpy()), io.FileIO(fd, "rb", closefd=False), 0
         while done < size:
             f.seek(done)

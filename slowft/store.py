@@ -34,7 +34,7 @@ import torch
 
 from . import faults
 from .atomic import fsync_dir, write_bytes_atomic
-from .directio import ALIGN, aligned_empty, read_file, round_up, write_file_atomic
+from .directio import ALIGN, aligned_empty, borrow, read_file, round_up, write_file_atomic
 from .errors import SlowftError
 
 FORMAT = 1
@@ -50,8 +50,9 @@ CATEGORIES = ("weights", "optim", "inputs", "grads", "journal")
 
 # ----------------------------------------------------------------------------- safetensors codec
 
-def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int, int]]]:
-    """The file's first bytes (length + JSON header) and each tensor's (key, offset, size) after them.
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int, int]], int]:
+    """The file's first bytes (length + JSON header), each tensor's (key, offset, size) after them,
+    and the file's size.
     Tensors are ordered by element size so every offset is aligned to its dtype; the header is
     padded with spaces (as the format allows) so the data starts on a page boundary."""
     header, spans, offset = {}, [], 0
@@ -65,17 +66,18 @@ def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGN)
-    return struct.pack("<Q", len(raw)) + raw, spans
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, spans, len(head) + offset
 
 
-def _packed(tensors: dict[str, torch.Tensor], start: int, spans) -> torch.Tensor | None:
+def _packed(tensors: dict[str, torch.Tensor], start: int, spans, size: int) -> torch.Tensor | None:
     """The buffer that already holds ``tensors`` exactly where the file wants them (data from
     ``start``), as read_safetensors leaves them: such a unit is written without a copy."""
     if not spans or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors.values()):
         return None
     storage = tensors[spans[0][0]].untyped_storage()
     base = tensors[spans[0][0]].data_ptr() - spans[0][1] - start
-    end = base + round_up(start + spans[-1][1] + spans[-1][2])
+    end = base + round_up(size)
     if base % ALIGN or base < storage.data_ptr() or end > storage.data_ptr() + storage.nbytes():
         return None
     for k, offset, _ in spans:
@@ -90,13 +92,10 @@ def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """The whole file in an aligned buffer: (buffer, file size). Tensors that a read left packed are
     used in place (only the header is written in front of them); others are copied into
     ``take(size)`` or a new buffer (on a GPU, this is the copy to the host)."""
-    head, spans = _layout(tensors, metadata)
-    size = len(head) + (spans[-1][1] + spans[-1][2] if spans else 0)
-    buf = _packed(tensors, len(head), spans)
+    head, spans, size = _layout(tensors, metadata)
+    buf = _packed(tensors, len(head), spans, size)
     if buf is None:
-        buf = take(size) if take else None
-        if buf is None or buf.numel() < round_up(size):
-            buf = aligned_empty(size)
+        buf = borrow(size, take)
         for k, offset, n in spans:
             if n:
                 start = len(head) + offset
@@ -153,8 +152,7 @@ def _load(path: Path, take=None, direct: bool = True) -> tuple[dict[str, torch.T
 def empty_packed(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Uninitialised tensors laid out in one buffer as their file will be: filled in place (as
     import fills them), they are written without a copy."""
-    head, spans = _layout({k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}, None)
-    size = len(head) + (spans[-1][1] + spans[-1][2] if spans else 0)
+    head, spans, size = _layout({k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}, None)
     buf = aligned_empty(size)
     buf[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
     return _decode(buf, size)[0]
