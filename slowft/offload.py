@@ -91,12 +91,6 @@ class IOWorker:
                 self._tidies.popleft()
             self._tidies.append(self._run("tidy", run))
 
-    def throttle(self, max_writes: int) -> None:
-        """Waits until at most ``max_writes`` writes are pending: bounds the RAM write-behind holds."""
-        while len(self._writes) > max_writes:
-            self._writes.popleft().exception()
-        self.check()
-
     def check(self) -> None:
         """Raises the first failure of any task so far."""
         if self._failed is not None:
@@ -137,7 +131,9 @@ class BufferPool:
         """The smallest free buffer that holds ``nbytes`` (rounded up to whole pages), if any."""
         with self._lock:
             fits = [b for b in self._free if b.numel() >= round_up(nbytes)]
-            if not fits:
+            if not fits:  # those free are smaller (blocks, as the head is read): they go back to the OS
+                self._free.clear()
+                self.bytes = 0
                 return None
             buf = min(fits, key=torch.Tensor.numel)
             self._free.remove(buf)
@@ -182,6 +178,7 @@ class UnitCache:
         self.schedule: list[str] = []
         self.pos = 0
         self._uncommitted: list[Future] = []
+        self._unit_writes: collections.deque[Future] = collections.deque()
 
     def set_budget(self, budget: int) -> None:
         """Everything fits: keep it all and write only at commits. Otherwise stream, writing each
@@ -189,9 +186,7 @@ class UnitCache:
         self.resident = budget >= sum(self.unit_bytes.values())
         blocks = [n for u, n in self.unit_bytes.items() if u.startswith("layers.")] or list(self.unit_bytes.values())
         self.max_block = max(blocks)
-        # room to stream: the unit in use and ``depth`` blocks ahead, so a unit larger than a block
-        # (the embedding or head of a narrow model with llama's vocab) is read ahead too
-        self.capacity = budget + max(self.unit_bytes.values()) + self.depth * self.max_block
+        self.budget = budget  # for units kept beyond those in use and those read ahead
 
     # -- schedule
 
@@ -206,17 +201,34 @@ class UnitCache:
                 return d
         return n + 1
 
-    def _used_bytes(self) -> int:
-        return sum(self.unit_bytes[u] for u in self.entries)
+    def _ahead(self) -> list[str]:
+        """The next ``depth`` units of the schedule that are not in use: those to read ahead. (A
+        unit in use further on, like the top block, held from its forward through the head's
+        backward to its own, does not take the place of one to read.)"""
+        ahead: list[str] = []
+        n = len(self.schedule)
+        for d in range(1, n):
+            unit = self.schedule[(self.pos + d) % n]
+            entry = self.entries.get(unit)
+            if unit == self.schedule[self.pos] or (entry is not None and entry.pins) or unit in ahead:
+                continue
+            if len(ahead) == self.depth:
+                break
+            ahead.append(unit)
+        return ahead
 
-    def _make_room(self, need: int, keep: set[str]) -> bool:
-        while self._used_bytes() + need > self.capacity:
-            victims = [u for u, e in self.entries.items()
-                       if e.pins == 0 and e.reading is None and not e.dirty and u not in keep]
+    def _make_room(self, keep: set[str]) -> None:
+        """Evicts, furthest next use first, until the units kept beside ``keep`` (those in use and
+        those read ahead) fit the budget: with no budget, a unit leaves as soon as it is done."""
+        while True:
+            others = [u for u in self.entries if u not in keep]
+            if sum(self.unit_bytes[u] for u in others) <= self.budget:
+                return
+            victims = [u for u in others if self.entries[u].pins == 0 and self.entries[u].reading is None
+                       and not self.entries[u].dirty]
             if not victims:
-                return False
+                return
             self._evict(max(victims, key=self._next_use))
-        return True
 
     def _evict(self, unit: str) -> None:
         """Drops a unit from memory; its buffer is reused once its pending write (if any) is done."""
@@ -242,13 +254,11 @@ class UnitCache:
     def _prefetch(self) -> None:
         if not self.schedule:
             return
-        upcoming = [self.schedule[(self.pos + d) % len(self.schedule)] for d in range(1, self.depth + 1)]
-        for unit in upcoming:
-            if unit in self.entries:
-                continue
-            if not self._make_room(self.unit_bytes[unit], keep=set(upcoming) | {self.schedule[self.pos]}):
-                return
-            self._start_read(unit)
+        ahead = self._ahead()
+        self._make_room({self.schedule[self.pos], *ahead})
+        for unit in ahead:
+            if unit not in self.entries:
+                self._start_read(unit)
 
     # -- access
 
@@ -270,7 +280,7 @@ class UnitCache:
         self._seek(unit)
         entry = self.entries.get(unit)
         if entry is None:
-            self._make_room(self.unit_bytes[unit], keep={unit})
+            self._make_room({unit})
             entry = self._start_read(unit)
         entry.pins += 1
         self._prefetch()
@@ -296,8 +306,15 @@ class UnitCache:
         if self.resident:
             entry.dirty = True
         else:
-            self.io.throttle(self.depth + 1)
+            self._throttle()
             self._write(unit, entry.tensors)
+
+    def _throttle(self) -> None:
+        """Waits for room to queue a unit's write: at most ``depth`` are ever pending, which
+        bounds the units write-behind holds in memory (journal commits are small, not counted)."""
+        while len(self._unit_writes) >= max(1, self.depth):
+            self._unit_writes.popleft().exception()
+        self.io.check()
 
     def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.device.type == "cpu":
@@ -309,6 +326,7 @@ class UnitCache:
             self._give_when_done(fut, host)
         self.writing[unit] = fut
         self._uncommitted.append(fut)
+        self._unit_writes.append(fut)
 
     def drop(self, unit: str) -> None:
         """Forgets an in-memory copy that must not be used (e.g. after a non-finite update)."""
@@ -321,7 +339,7 @@ class UnitCache:
         what it superseded; the last three on the writer thread, after the unit writes they name."""
         for unit, entry in self.entries.items():
             if entry.dirty:
-                self.io.throttle(self.depth + 1)
+                self._throttle()
                 self._write(unit, entry.tensors)
                 entry.dirty = False
         deps = list(self._uncommitted)

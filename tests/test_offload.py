@@ -88,3 +88,40 @@ def test_partial_budget_keeps_blocks_and_saves_reads(gqa_model, tmp_path, reside
         model.ram_budget = resident_blocks * block + x * model.args.n_layers
         kept = io_of_second_step(model, slowft.SGD(lr=0.1))["read"]["weights"]
     assert streaming - kept >= 2 * resident_blocks * block * 0.99
+
+
+def test_streaming_holds_the_units_in_use_and_one_ahead(gqa_model, tmp_path, monkeypatch):
+    """With no budget and --io-depth 1, memory holds the units in use, one read ahead, and one
+    being written; and the block below the top one is read while the head computes (the top
+    block, held from its forward, does not use up the read-ahead)."""
+    with open_model(gqa_model, tmp_path / "w", ram_budget=0, io=IOWorker(delay=0.01)) as model:
+        L, cache = model.args.n_layers, model.cache
+        held, pending, after_head = [], [], []
+        start_read, write = cache._start_read, cache._write
+
+        def spy_read(unit):
+            entry = start_read(unit)
+            held.append(sorted(cache.entries))
+            return entry
+
+        def spy_write(unit, tensors):
+            write(unit, tensors)
+            pending.append(sum(not f.done() for f in cache._unit_writes))
+
+        head = slowft.train.backward_head
+
+        def spy_head(*args):
+            out = head(*args)
+            after_head.append(set(cache.entries))
+            return out
+
+        monkeypatch.setattr(cache, "_start_read", spy_read)
+        monkeypatch.setattr(cache, "_write", spy_write)
+        monkeypatch.setattr(slowft.train, "backward_head", spy_head)
+        tokens, targets = batch()
+        for _ in range(2):
+            model.step(tokens, targets, slowft.SGD(lr=0.1))
+        model.io.drain()
+    assert max(map(len, held)) <= 3, held  # at most: head and top block in use, the next block read
+    assert max(pending) == 1
+    assert all(f"layers.{L - 2}" in units for units in after_head)
