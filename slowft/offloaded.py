@@ -207,8 +207,14 @@ class OffloadedModel:
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.compute_dtype) for k, v in tensors.items() if not k.startswith("optim.")}
 
-    def embed_fn(self, w, tokens, drop=None):
-        h = F.embedding(tokens, w["weight"])
+    def embed(self, tokens, drop=None):
+        """The embedding's rows for ``tokens``, gathered before the conversion to the compute dtype
+        (which, done to the whole [vocab, dim] matrix, would copy all of it)."""
+        w = self.cache.get("tok_embeddings")
+        try:
+            h = F.embedding(tokens, w["weight"]).to(self.compute_dtype)
+        finally:
+            self.cache.release("tok_embeddings")
         return h if drop is None else drop(h, "out")
 
     def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None):
@@ -236,7 +242,7 @@ class OffloadedModel:
         tokens = tokens.to(self.device)
         self.cache.plan(self.forward_order())
         rope = self.rope(tokens.shape[1], start_pos)
-        h = self.run_unit("tok_embeddings", self.embed_fn, tokens)
+        h = self.embed(tokens)
         for i in range(self.args.n_layers):
             h = self.run_unit(f"layers.{i}", self.block_fn, h, rope, start_pos, kv[i] if kv else None)
         return self.run_unit("head", self.head_fn, h)

@@ -2,12 +2,35 @@
 
 An optimizer here never sees the whole model, only (parameter, gradient, its state, step). Its
 state is a dict of small tensors that the store keeps inside the parameter's unit file.
+
+The gradient comes as a function of a range of rows, ``rows(a, b)`` -> the gradient of
+``p[a:b]``, and an update works on a few MB of rows at a time. So neither the gradient of a
+[vocab, dim] matrix (the head's, the embedding's) nor an update's temporaries ever need to exist
+whole: the head and the embedding build each slice of theirs on demand, and Adalite, which needs
+whole-tensor norms before it can update any row, asks for each slice twice.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+Rows = Callable[[int, int], torch.Tensor]  # (a, b) -> the gradient of p[a:b]
+
+# An update works on about this many bytes of a parameter at a time: 13b's tensors are 100-650 MB
+# in fp32, so its temporaries stay small, in pieces few enough that GPU kernel launches (~40 per
+# piece for Adalite) cost little.
+CHUNK_BYTES = 16 << 20
+
+
+def rows_of(g: torch.Tensor) -> Rows:
+    return lambda a, b: g[a:b]
+
+
+def row_chunks(p: torch.Tensor) -> list[tuple[int, int]]:
+    n = max(1, CHUNK_BYTES // (4 * max(1, p[0].numel())))
+    return [(a, min(a + n, p.shape[0])) for a in range(0, p.shape[0], n)]
 
 
 class SGD:
@@ -25,17 +48,20 @@ class SGD:
         return {}
 
     @torch.no_grad()
-    def update(self, p: torch.Tensor, g: torch.Tensor, state: dict, t: int) -> None:
-        g = g.to(p.dtype)
-        if self.weight_decay:
-            g = g.add(p, alpha=self.weight_decay)
-        p.add_(g, alpha=-self.lr)
+    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int) -> None:
+        for a, b in row_chunks(p):
+            g = rows(a, b).to(p.dtype)
+            if self.weight_decay:
+                g = g.add(p[a:b], alpha=self.weight_decay)
+            p[a:b].add_(g, alpha=-self.lr)
 
 
 class Adalite:
     """SlimTrainer's Adalite: Adafactor-style factored second moment plus a LAMB-like trust ratio.
 
     State: one value per column for a matrix (``c``), a full vector for a 1-D tensor (``v``).
+    The RMS clip and the trust ratio need norms of the whole update, so a first pass over the
+    rows sums them and a second applies the update; neither holds more than a chunk of rows.
     """
 
     name = "adalite"
@@ -55,29 +81,47 @@ class Adalite:
         return {"v": torch.zeros(p.shape, device=p.device, dtype=torch.float32)}
 
     @torch.no_grad()
-    def update(self, p: torch.Tensor, g: torch.Tensor, state: dict, t: int) -> None:
-        g = g.float()
-        pf = p.float()
-        if p.dim() == 2 and self.centralize:
-            g = g - g.mean(dim=1, keepdim=True)
+    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int) -> None:
+        matrix = p.dim() == 2
+        old = state["c"] if matrix else state["v"]
         beta = 1.0 - t ** (-self.beta_decay)
-        u = g * g
-        if p.dim() == 2:
-            u = (1 - beta) * u + beta * state["c"][None, :]
+
+        def moments(a: int, b: int):
+            """Centred gradient, second moment and normalised update of rows a..b."""
+            g = rows(a, b).float()
+            if matrix and self.centralize:
+                g = g - g.mean(dim=1, keepdim=True)
+            u = (1 - beta) * (g * g) + beta * (old[None, :] if matrix else old[a:b])
             u += self.eps
-            state["c"].copy_(u.mean(dim=0))
-        else:
-            u = (1 - beta) * u + beta * state["v"]
-            u += self.eps
-            state["v"].copy_(u)
-        m = g / u.sqrt()
-        if self.use_rms:
-            m /= torch.clamp(m.square().mean().sqrt(), min=1.0)
-        p_norm, g_norm = pf.norm(), g.norm()
-        if p_norm != 0 and g_norm != 0:
-            m *= p_norm / g_norm
-            m += self.Lambda * (pf - pf / p_norm)
-        p.copy_(pf - self.lr * m)
+            return g, u, g / u.sqrt()
+
+        chunks = row_chunks(p)
+        zero = torch.zeros((), device=p.device)
+        c_sum = torch.zeros_like(old) if matrix else None
+        m2, g2, p2 = zero.clone(), zero.clone(), zero.clone()
+        for a, b in chunks:  # first pass: the whole tensor's norms
+            g, u, m = moments(a, b)
+            if matrix:
+                c_sum += u.sum(dim=0)
+            m2 += m.square().sum()
+            g2 += g.square().sum()
+            p2 += p[a:b].float().square().sum()
+        clip = torch.clamp((m2 / p.numel()).sqrt(), min=1.0) if self.use_rms else 1.0
+        p_norm, g_norm = p2.sqrt(), g2.sqrt()
+        trust = (p_norm != 0) & (g_norm != 0)  # no host sync: the GPU runs on
+        ratio = torch.where(trust, p_norm / g_norm, 1.0)
+        lam = torch.where(trust, self.Lambda, 0.0)
+        p_div = torch.where(trust, p_norm, 1.0)
+        for a, b in chunks:  # second pass: the update
+            g, u, m = moments(a, b)
+            if not matrix:
+                old[a:b].copy_(u)
+            pf = p[a:b].float()
+            m = m / clip * ratio
+            m += lam * (pf - pf / p_div)
+            p[a:b].copy_(pf - self.lr * m)
+        if matrix:
+            old.copy_(c_sum / p.shape[0])
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float = 0.0):

@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .model import SeededDropout
+from .optim import Rows, rows_of
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
 LOGITS_CHUNK_BYTES = 64 << 20  # the head computes the loss this many bytes of logits at a time
@@ -51,16 +54,26 @@ class _Update:
         self.model, self.unit, self.t = model, unit, t
         self.master = model.cache.get(unit, for_update=True)
         self.bad: list[torch.Tensor] = []
-        cd = model.compute_dtype
-        self.params = {name: (m.detach() if m.dtype == cd else m.to(cd)).requires_grad_(True)
-                       for name, m in self.master.items() if not name.startswith("optim.")}
         master, bad = self.master, self.bad
 
-        def apply(name: str, g: torch.Tensor) -> None:  # refers to no parameter: hooks make no cycle
-            bad.append(~torch.isfinite(g.sum()))  # one pass; NaN and inf survive a sum
-            optimizer.update(master[name], g, _optim_state(master, name, optimizer), t)
+        def apply(name: str, g: torch.Tensor | Rows) -> None:  # refers to no parameter: hooks make no cycle
+            rows = rows_of(g) if isinstance(g, torch.Tensor) else g
+
+            def checked(a: int, b: int) -> torch.Tensor:
+                ga = rows(a, b)
+                bad.append(~torch.isfinite(ga.sum()))  # one pass; NaN and inf survive a sum
+                return ga
+
+            optimizer.update(master[name], checked, _optim_state(master, name, optimizer), t)
 
         self.apply = apply
+
+    @cached_property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Made on first use: the embedding's update needs none (a copy, where dtypes differ)."""
+        cd = self.model.compute_dtype
+        return {name: (m.detach() if m.dtype == cd else m.to(cd)).requires_grad_(True)
+                for name, m in self.master.items() if not name.startswith("optim.")}
 
     def hook_all(self) -> None:
         """Update each parameter the moment autograd has its gradient (LOMO), then drop the gradient."""
@@ -109,10 +122,12 @@ def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor, 
 
 def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: int):
     """Loss and backward of the final norm and output projection, a chunk of tokens at a time so
-    the [tokens, vocab] logits never exist whole; each chunk's logits become its gradient in place
-    (softmax - one-hot, written out rather than left to autograd, which would also make a new
-    [vocab, dim] tensor per chunk). The output's gradient, as large as the output itself with
-    llama's vocab, is accumulated in place and the head updated once all chunks are in.
+    the [tokens, vocab] logits never exist whole; each chunk's logits become their gradient in
+    place (softmax - one-hot, written out rather than left to autograd, which would also make a
+    new [vocab, dim] tensor per chunk). The output matrix's gradient is as large as the matrix
+    with llama's vocab: with fewer tokens than ``dim`` the chunks' logit gradients are smaller,
+    and are kept instead, the optimizer taking the matrix's gradient from them a slice of rows at
+    a time; otherwise it is accumulated in place. The head is updated once all chunks are in.
     Returns (grad of h, loss as a float)."""
     u = _Update(model, "head", optimizer, t)
     W, nw = u.params["output.weight"].detach(), u.params["norm.weight"]
@@ -120,21 +135,26 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
     n = (flat_t != -1).sum()
     per = max(1, LOGITS_CHUNK_BYTES // (4 * model.args.vocab_size))
     g = torch.empty_like(flat_h)
-    dW = torch.zeros(W.shape, device=W.device, dtype=torch.float32)
+    keep = flat_h.shape[0] <= flat_h.shape[1]  # tokens <= dim: [tokens, vocab] < [vocab, dim]
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    dW = None if keep else torch.zeros(W.shape, device=W.device, dtype=torch.float32)
     dnw = torch.zeros(nw.shape, device=W.device, dtype=torch.float32)
     loss = torch.zeros((), device=h.device)
     for s in range(0, flat_h.shape[0], per):
         x, tgt = flat_h[s : s + per].detach().requires_grad_(True), flat_t[s : s + per]
         normed = model.norm_fn(nw, x)
         logits = (normed.detach() @ W.T).float()
-        keep = tgt != -1
-        rows, cols = keep.nonzero().squeeze(1), tgt[keep]
+        valid = tgt != -1
+        rows, cols = valid.nonzero().squeeze(1), tgt[valid]
         lse = torch.logsumexp(logits, dim=-1)
         loss += (lse[rows] - logits[rows, cols]).sum() / n
         grad = logits.sub_(lse[:, None]).exp_()  # d(sum of losses / n) / d logits = (softmax - one-hot) / n
         grad[rows, cols] -= 1.0
-        grad *= keep[:, None] / n
-        dW.addmm_(grad.T, normed.detach().float())
+        grad *= valid[:, None] / n
+        if keep:
+            kept.append((grad, normed.detach().float()))
+        else:
+            dW.addmm_(grad.T, normed.detach().float())
         gx, gnw = torch.autograd.grad(normed, [x, nw], (grad.to(W.dtype) @ W).to(normed.dtype))
         g[s : s + per] = gx
         dnw += gnw
@@ -142,10 +162,37 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
     if not torch.isfinite(loss):
         model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
-    u.apply("output.weight", dW)
+
+    def output_rows(a: int, b: int) -> torch.Tensor:  # gradient of output.weight[a:b]
+        out = torch.zeros(b - a, W.shape[1], device=W.device, dtype=torch.float32)
+        for grad, normed in kept:
+            out.addmm_(grad[:, a:b].T, normed)
+        return out
+
+    u.apply("output.weight", output_rows if keep else dW)
     u.apply("norm.weight", dnw)
     u.finish()
     return g.view_as(h), loss.item()
+
+
+def backward_embedding(model, tokens: torch.Tensor, g_out: torch.Tensor, optimizer, t: int, drop=None) -> None:
+    """The embedding's gradient is zero but in the rows of the batch's tokens: the optimizer gets
+    it a slice of rows at a time, each built from those tokens, never as a dense [vocab, dim]
+    tensor; and no compute-dtype copy of the matrix is made."""
+    u = _Update(model, "tok_embeddings", optimizer, t)
+    W = u.master["weight"]
+    if drop is not None:  # back through the dropout on the embedding's output (recomputed: same mask)
+        x = F.embedding(tokens, W).to(g_out.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            (g_out,) = torch.autograd.grad(drop(x, "out"), x, g_out)
+    index, g = tokens.reshape(-1), g_out.reshape(-1, W.shape[1])
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        hit = (index >= a) & (index < b)
+        return torch.zeros(b - a, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, index[hit] - a, g[hit])
+
+    u.apply("weight", rows)
+    u.finish()
 
 
 COMMIT_FIXED_BYTES = 8 << 20  # what a commit's two fsynced files cost beyond their bytes, in writing time
@@ -211,7 +258,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
     try:
         with torch.no_grad():
             if forward:
-                h = model.run_unit("tok_embeddings", model.embed_fn, tokens, at("emb"))
+                h = model.embed(tokens, at("emb"))
                 for i in range(n_run):
                     if model.stop_requested:
                         _stop(model, t, done, None, None, batch, len(bwd))
@@ -236,7 +283,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
             if unit == "head":
                 g, loss = backward_head(model, h, targets, optimizer, t + 1)
             elif unit == "tok_embeddings":
-                backward_unit(model, unit, lambda w, tok: model.embed_fn(w, tok, at("emb")), tokens, g, optimizer, t + 1)
+                backward_embedding(model, tokens, g, optimizer, t + 1, at("emb"))
             else:
                 i = int(unit.split(".")[1])
                 model.inputs.prefetch(i)

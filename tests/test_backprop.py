@@ -47,16 +47,35 @@ def assert_same_tensors(model, ref, changed_from=None):
         assert moved > 1e-2
 
 
-@pytest.mark.parametrize("budget, logits_chunk", [(0, None), (None, None), (0, 5)],
-                         ids=["streaming", "resident", "head-in-chunks-of-5-tokens"])
-def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, monkeypatch, budget, logits_chunk):
+# ways through the step: all checked against the same autograd reference
+PATHS = {
+    "streaming": dict(budget=0),
+    "resident": dict(budget=None),
+    "head-in-chunks-of-5-tokens": dict(budget=0, logits_chunk=5),
+    # more tokens (6 x 12) than dim (64): the head accumulates its matrix's gradient whole
+    "head-gradient-accumulated": dict(budget=0, B=6, logits_chunk=5),
+    # every update a row (or 10 of a vector) at a time: Adalite's two passes, the head's and the
+    # embedding's gradients built slice by slice
+    "updates-in-chunks-of-rows": dict(budget=0, update_chunk=40),
+}
+
+
+def set_path(monkeypatch, logits_chunk=None, update_chunk=None, **_):
     if logits_chunk:
         monkeypatch.setattr(slowft.train, "LOGITS_CHUNK_BYTES", 4 * 512 * logits_chunk)
+    if update_chunk:
+        monkeypatch.setattr(slowft.optim, "CHUNK_BYTES", update_chunk)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, monkeypatch, path):
+    set_path(monkeypatch, **path)
+    budget = path["budget"]
     params = json.loads((gqa_model / "params.json").read_text())
     start = load_meta(gqa_model)
     ref = RefLlama(params, start)
     opt = torch.optim.SGD(ref.parameters(), lr=2.0)
-    tokens, targets = batch(512)
+    tokens, targets = batch(512, B=path.get("B", 2))
     with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=budget, progress=False) as model:
         with torch.no_grad():
             torch.testing.assert_close(model.logits(tokens), ref(tokens), **TOL)
@@ -68,6 +87,9 @@ def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, monkeypatch,
         assert_same_tensors(model, ref, changed_from=start)
         with torch.no_grad():  # logits grew with lr 2: same relative precision, larger absolute values
             torch.testing.assert_close(model.logits(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
+
+
+ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of-rows"]
 
 
 def test_sgd_weight_decay_and_untouched_embedding_rows(gqa_model, tmp_path):
@@ -89,17 +111,19 @@ def test_sgd_weight_decay_and_untouched_embedding_rows(gqa_model, tmp_path):
         assert same_rows == (wd == 0.0)  # plain SGD changes only the rows that were used
 
 
-def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path):
+@pytest.mark.parametrize("path", [PATHS[k] for k in ADALITE_PATHS], ids=ADALITE_PATHS)
+def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path, monkeypatch, path):
     """Autograd here runs slowft.model's in-RAM Transformer, and lr is small enough to keep the
     loss falling: Adalite's trust ratio (|p|/|g|) magnifies last-bit differences of another
     forward, and an unstable run turns them into anything. RefLlama checks the architecture above."""
+    set_path(monkeypatch, **path)
     params = json.loads((gqa_model / "params.json").read_text())
     start = load_meta(gqa_model)
     ram = Transformer(ModelArgs.from_params(params, vocab_size=512))
     ram.load_state_dict({k: v for k, v in start.items() if k != "rope.freqs"})
     named = dict(ram.named_parameters())
     state: dict = {}
-    tokens, targets = batch(512)
+    tokens, targets = batch(512, B=path.get("B", 2))
     opt = slowft.Adalite(lr=1e-3)
     with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
         for t in range(1, 4):

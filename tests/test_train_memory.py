@@ -32,3 +32,31 @@ def test_peak_rss_independent_of_depth(tiny, tmp_path):
           f"16 layers {peak16 / 1e6:.0f} MB (step +{g16 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
     assert abs(peak16 - peak4) / peak4 < 0.10
     assert g16 < g4 + 4 * block  # 12 more blocks on disk cost (next to) nothing in RAM; holding them, 12
+
+
+def test_head_and_embedding_updates_never_hold_a_vocab_sized_gradient(tiny, tmp_path):
+    """With llama's 32k vocab the head and the embedding are the largest units; their gradients
+    (and an optimizer's temporaries) are handled a few rows at a time, so a training step needs
+    next to nothing beyond what a forward pass does. A dense [vocab, dim] gradient alone would
+    add the whole head's size, Adalite's full-size temporaries several times that."""
+    src = tiny(dim=128, layers=2, heads=4, shards=1, multiple_of=32, params_vocab=32000)
+    head = 32000 * 128 * 4
+    for opt in ("slowft.SGD(lr=1e-3)", "slowft.Adalite(lr=1e-5)"):
+        code = PEAK_RSS + textwrap.dedent(f"""
+            import torch, slowft
+            slowft.optim.CHUNK_BYTES = 256 << 10
+            model = slowft.load({str(src)!r}, workdir={str(tmp_path / opt[7:10])!r}, device="cpu", ram_budget=0, progress=False)
+            torch.set_num_threads(1)
+            tokens = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0))
+            opt = {opt}
+            model.step(tokens, tokens, opt)
+            model.io.drain()
+            _, forward = measure_peak(lambda: model.logits(tokens))
+            _, step = measure_peak(lambda: [model.step(tokens, tokens, opt), model.io.drain()])
+            print(forward, step)
+        """)
+        r = run_script("-c", code)
+        assert r.returncode == 0, r.stderr
+        forward, step = map(int, r.stdout.split()[-2:])
+        print(f"{opt}: peak RSS forward {forward / 1e6:.1f} MB, step {step / 1e6:.1f} MB; head {head / 1e6:.1f} MB")
+        assert step - forward < 0.5 * head
