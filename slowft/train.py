@@ -163,11 +163,10 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
 
-    def output_rows(a: int, b: int) -> torch.Tensor:  # gradient of output.weight[a:b]
-        out = torch.zeros(b - a, W.shape[1], device=W.device, dtype=torch.float32)
-        for grad, normed in kept:
-            out.addmm_(grad[:, a:b].T, normed)
-        return out
+    normed_all = torch.cat([normed for _, normed in kept]) if keep else None
+
+    def output_rows(a: int, b: int) -> torch.Tensor:  # gradient of output.weight[a:b], one matmul over all tokens
+        return torch.cat([grad[:, a:b] for grad, _ in kept]).T @ normed_all
 
     u.apply("output.weight", output_rows if keep else dW)
     u.apply("norm.weight", dnw)
