@@ -136,7 +136,8 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
     per = max(1, LOGITS_CHUNK_BYTES // (4 * model.args.vocab_size))
     g = torch.empty_like(flat_h)
     keep = flat_h.shape[0] <= flat_h.shape[1]  # tokens <= dim: [tokens, vocab] < [vocab, dim]
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept_grads: list[torch.Tensor] = []  # with keep: each chunk's logit gradients and normed inputs
+    kept_normed: list[torch.Tensor] = []
     dW = None if keep else torch.zeros(W.shape, device=W.device, dtype=torch.float32)
     dnw = torch.zeros(nw.shape, device=W.device, dtype=torch.float32)
     loss = torch.zeros((), device=h.device)
@@ -152,7 +153,8 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         grad[rows, cols] -= 1.0
         grad *= valid[:, None] / n
         if keep:
-            kept.append((grad, normed.detach().float()))
+            kept_grads.append(grad)
+            kept_normed.append(normed.detach().float())
         else:
             dW.addmm_(grad.T, normed.detach().float())
         gx, gnw = torch.autograd.grad(normed, [x, nw], (grad.to(W.dtype) @ W).to(normed.dtype))
@@ -163,10 +165,10 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
 
-    normed_all = torch.cat([normed for _, normed in kept]) if keep else None
+    normed_all = torch.cat(kept_normed) if keep else None
 
     def output_rows(a: int, b: int) -> torch.Tensor:  # gradient of output.weight[a:b], one matmul over all tokens
-        return torch.cat([grad[:, a:b] for grad, _ in kept]).T @ normed_all
+        return torch.cat([grad[:, a:b] for grad in kept_grads]).T @ normed_all
 
     u.apply("output.weight", output_rows if keep else dW)
     u.apply("norm.weight", dnw)

@@ -58,6 +58,7 @@ PATHS = {
     # embedding's gradients built slice by slice
     "updates-in-chunks-of-rows": dict(budget=0, update_chunk=40),
 }
+ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of-rows"]
 
 
 def set_path(monkeypatch, logits_chunk=None, update_chunk=None, **_):
@@ -87,9 +88,6 @@ def test_sgd_step_with_dropout_equals_autograd(gqa_model, tmp_path, monkeypatch,
         assert_same_tensors(model, ref, changed_from=start)
         with torch.no_grad():  # logits grew with lr 2: same relative precision, larger absolute values
             torch.testing.assert_close(model.logits(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
-
-
-ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of-rows"]
 
 
 def test_sgd_weight_decay_and_untouched_embedding_rows(gqa_model, tmp_path):
