@@ -147,11 +147,14 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         logits = (normed.detach() @ W.T).float()
         valid = tgt != -1
         rows, cols = valid.nonzero().squeeze(1), tgt[valid]
-        lse = torch.logsumexp(logits, dim=-1)
-        loss += (lse[rows] - logits[rows, cols]).sum() / n
-        grad = logits.sub_(lse[:, None]).exp_()  # d(sum of losses / n) / d logits = (softmax - one-hot) / n
-        grad[rows, cols] -= 1.0
-        grad *= valid[:, None] / n
+        # softmax in place (torch.logsumexp would make a temporary as large as the chunk)
+        picked = logits[rows, cols]
+        top = logits.amax(dim=-1, keepdim=True)
+        grad = logits.sub_(top).exp_()
+        total = grad.sum(dim=-1, keepdim=True)
+        loss += ((top + total.log()).squeeze(1)[rows] - picked).sum() / n
+        grad *= valid[:, None] / (total * n)  # d(sum of losses / n) / d logits = (softmax - one-hot) / n
+        grad[rows, cols] -= 1.0 / n
         if keep:
             kept_grads.append(grad)
             kept_normed.append(normed.detach().float())
