@@ -236,11 +236,14 @@ def plan_summary(model: OffloadedModel, a, out: Path) -> str:
 
 
 def check_disk(model: OffloadedModel, a, out: Path) -> None:
-    """Training needs room for a few new block versions, spilled inputs and the export."""
+    """Training needs room for the new versions of units written before a journal commit lets the
+    old ones go (all of them at a resident model's sync; a few while streaming, plus the spare
+    files they are written into, see slowft.store), spilled inputs and the export."""
     args = model.args
     export_bytes = model.n_params() * DTYPE_NAMES[a.export_dtype or model.meta["source"]["dtype"]].itemsize
     x_bytes = a.batch_size * a.seq_len * args.dim * model.compute_dtype.itemsize
-    work_bytes = 0 if model.cache.resident else 6 * max(model.unit_bytes.values()) + 2 * args.n_layers * x_bytes
+    units = model.unit_bytes.values()
+    work_bytes = sum(units) if model.cache.resident else 8 * max(units) + 2 * args.n_layers * x_bytes
     free_work, free_out = model.store.free_bytes(), os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
     same_disk = os.stat(out).st_dev == os.stat(model.store.root).st_dev
     if same_disk and work_bytes + export_bytes > free_work:

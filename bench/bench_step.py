@@ -80,7 +80,7 @@ def worker_import(a) -> None:
     print(json.dumps({"import_s": dt, "import_MBps": src.total_bytes() / dt / 1e6, "import_peak_rss": peak_rss()}))
 
 
-TRACED = ("read_unit", "write_unit", "read_scratch", "write_scratch", "write_json", "delete_unit", "delete_scratch")
+TRACED = ("read_unit", "write_unit", "read_scratch", "write_scratch", "write_json", "retire_unit", "retire_scratch")
 
 
 def trace_store(store, trace: list) -> None:
@@ -177,20 +177,20 @@ def worker_io(a) -> None:
                 superseded.setdefault(args[0], []).append(current[args[0]])
                 current[args[0]] += 1
                 store.write_unit(args[0], current[args[0]], units[args[0]])
-            elif name == "delete_unit" and superseded.get(args[0]):  # after the commit: the old version goes
-                tidy.submit(store.delete_unit, args[0], superseded[args[0]].pop(0))
+            elif name == "retire_unit" and superseded.get(args[0]):  # after the commit: the old version goes
+                tidy.submit(store.retire_unit, args[0], superseded[args[0]].pop(0))
             elif name == "write_scratch":
                 x = scratch.setdefault(tuple(args[1]), torch.zeros(args[1]))
                 store.write_scratch(args[0], x, args[2])
             elif name == "read_scratch":
                 store.read_scratch(args[0], args[1])
-            elif name == "delete_scratch":
-                store.delete_scratch(args[0])
+            elif name == "retire_scratch":
+                store.retire_scratch(args[0])
             elif name == "write_json":
                 store.write_json("journal-bench.json", {"versions": current})
         for unit, versions in superseded.items():  # deletions the recorded step left to the next
             for v in versions:
-                tidy.submit(store.delete_unit, unit, v)
+                tidy.submit(store.retire_unit, unit, v)
 
     serve({}, step, dict)
 

@@ -114,11 +114,20 @@ def read_file(path: Path, take: Callable[[int], torch.Tensor | None] | None = No
         os.close(fd)
 
 
-def write_file_atomic(path: Path, buf: torch.Tensor, size: int, fault_point: str | None = None, direct: bool = True) -> int:
+def write_file_atomic(path: Path, buf: torch.Tensor, size: int, fault_point: str | None = None, direct: bool = True,
+                      reuse: Path | None = None) -> int:
     """Writes ``size`` bytes from the start of an aligned buffer (at least ``round_up(size)`` long) to
-    a temp file, fsyncs it and renames it to ``path``: a reader sees the old file or the new one."""
+    a temp file, fsyncs it and renames it to ``path``: a reader sees the old file or the new one.
+    ``reuse`` names a file nothing needs any more: it becomes the temp file, overwritten in place."""
     with replacing(path) as tmp:
-        fd, aligned = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if reuse is not None:
+            try:
+                os.replace(reuse, tmp)
+                flags = os.O_WRONLY
+            except FileNotFoundError:
+                pass
+        fd, aligned = _open(tmp, flags, direct)
         try:
             view, f, done = memoryview(buf.numpy()), io.FileIO(fd, "wb", closefd=False), 0
             end = round_up(size) if aligned else size
@@ -131,8 +140,8 @@ def write_file_atomic(path: Path, buf: torch.Tensor, size: int, fault_point: str
                         raise
                     _buffered(fd)
                     aligned, end = False, size
-            if done != size:
-                os.ftruncate(fd, size)  # whole pages went out; the file ends where its data does
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # whole pages went out (or a longer file was reused); the file ends where its data does
             if fault_point:
                 faults.hit(fault_point)
             fsync_file(fd)

@@ -27,10 +27,11 @@ from .store import Store, pack
 
 
 class IOWorker:
-    """The disk threads: a reader, a writer, and a third that deletes superseded files (on a
-    filesystem mounted with ``discard`` an unlink waits for the SSD to trim, ~30 ms per block,
-    which must not hold up a read or write). After a task fails, every later task fails too;
-    a failed delete is no failure (a file left over is collected when the work dir is opened)."""
+    """The disk threads: a reader, a writer, and a third that retires superseded files (kept as
+    spares, or deleted: on a filesystem mounted with ``discard`` an unlink waits for the SSD to
+    trim, ~30 ms per block, which must not hold up a read or write). After a task fails, every
+    later task fails too; a failed retirement is no failure (a file left over is collected when
+    the work dir is opened)."""
 
     def __init__(self, delay: float = 0.0, synchronous: bool = False):
         self._pools = None if synchronous else {
@@ -355,9 +356,9 @@ class UnitCache:
                 d.result()
             self.store.write_journal({**journal, "versions": versions})
             for u, v in superseded.items():  # only now that the journal no longer names them
-                self.io.tidy(self.store.delete_unit, u, v)
+                self.io.tidy(self.store.retire_unit, u, v)
             if old_grad:
-                self.io.tidy(self.store.delete_scratch, old_grad)
+                self.io.tidy(self.store.retire_scratch, old_grad)
 
         return self.io.submit(finish, write=True)
 
@@ -395,7 +396,7 @@ class SavedInputs:
         if i in self.spilled and i not in self.reading:
             def read():
                 x = self.store.read_scratch(f"input.{i}", "inputs")
-                self.store.delete_scratch(f"input.{i}")  # here, not tidied later: the next step reuses the name
+                self.store.retire_scratch(f"input.{i}")  # here, not tidied later: the next step reuses the name
                 return x
 
             self.reading[i] = self.io.submit(read, after=self.spilled[i])

@@ -9,12 +9,19 @@ Layout (``<workdir>/``)::
     params.json, tokenizer.model, extras.safetensors   the source's files, kept for export
     units/<unit>.v<version>.safetensors   a unit's weights (+ its optimizer state), version = updates applied
     scratch/             saved block inputs and journaled gradients; never needed across a restart but
-                         the gradient the journal names
+                         the gradient the journal names. Also spare.<n>: superseded files kept for
+                         reuse while the work dir is open
 
 A unit is ``tok_embeddings``, ``layers.<i>`` or ``head`` (final norm + output). A new version of a
 unit is written beside the old one and only the journal switches to it, so a crash at any moment
 leaves the journal naming a complete, consistent set of files. Files are safetensors, read straight
 into one buffer per unit (no second copy, the GIL released while reading).
+
+Every unit is rewritten each step, and each saved input and gradient each step: a file that is
+no longer needed is kept as a spare that a later write of the same size overwrites in place. Such
+a write allocates nothing on the disk, and no deleted file leaves the SSD blocks to trim (on an
+ext4 mounted with ``discard``, each unlink of a block cost ~50 ms of the disk's time, and
+overwriting wrote ~1.5x as fast as a new file).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import shutil
 import struct
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +54,7 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 _UNIT_FILE = re.compile(r"^(?P<unit>.+)\.v(?P<version>\d+)\.safetensors$")
 CATEGORIES = ("weights", "optim", "inputs", "grads", "journal")
+SPARES = 128  # spare files of one size, at most: a safety net, since each step's writes take them again
 
 
 # ----------------------------------------------------------------------------- safetensors codec
@@ -205,6 +214,8 @@ class Store:
         self.stats = IOStats()
         self.direct = True  # units and scratch bypass the page cache (see directio); the model decides
         self._lock_fd = None
+        self._spares: list[tuple[Path, int]] = []  # (file, size), retired by one I/O thread, reused by another
+        self._spares_lock = threading.Lock()
         self._open()
 
     # -- opening, locking, resetting
@@ -235,6 +246,11 @@ class Store:
             (self.root / sub).mkdir(exist_ok=True)
 
     def close(self) -> None:
+        """Deletes the spare files and lets the work dir go."""
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for path, _ in spares:
+            path.unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -306,15 +322,16 @@ class Store:
         t0 = time.perf_counter()
         faults.hit("unit_write")
         buf, size = encode_safetensors(tensors)
-        n = write_file_atomic(self.unit_path(unit, version), buf, size, "unit_write_data", self.direct)
+        n = write_file_atomic(self.unit_path(unit, version), buf, size, "unit_write_data", self.direct, self._spare(size))
         dt = time.perf_counter() - t0
         optim = _nbytes(tensors, True)
         self.stats.add("written", "weights", n - optim, dt)
         self.stats.add("written", "optim", optim, 0.0)
         return n
 
-    def delete_unit(self, unit: str, version: int) -> None:
-        self.unit_path(unit, version).unlink(missing_ok=True)
+    def retire_unit(self, unit: str, version: int) -> None:
+        """A superseded version, once the journal names a newer one."""
+        self._retire(self.unit_path(unit, version))
 
     def unit_versions(self) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {}
@@ -331,8 +348,9 @@ class Store:
 
     def write_scratch(self, name: str, tensor: torch.Tensor, category: str) -> int:
         t0 = time.perf_counter()
-        n = save_safetensors(self.root / "scratch" / f"{name}.safetensors", {"x": tensor}, fault_point="scratch_write_data",
-                             direct=self.direct)
+        buf, size = encode_safetensors({"x": tensor})
+        n = write_file_atomic(self.root / "scratch" / f"{name}.safetensors", buf, size, "scratch_write_data", self.direct,
+                              self._spare(size))
         self.stats.add("written", category, n, time.perf_counter() - t0)
         return n
 
@@ -343,8 +361,37 @@ class Store:
         self.stats.add("read", category, n, time.perf_counter() - t0)
         return tensors["x"]
 
-    def delete_scratch(self, name: str) -> None:
-        (self.root / "scratch" / f"{name}.safetensors").unlink(missing_ok=True)
+    def retire_scratch(self, name: str) -> None:
+        self._retire(self.root / "scratch" / f"{name}.safetensors")
+
+    # -- spare files
+
+    def _retire(self, path: Path) -> None:
+        """Keeps a file nothing needs any more as a spare (see the module's docstring), or deletes it
+        where ``SPARES`` of its size are kept."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        with self._spares_lock:
+            if sum(n == size for _, n in self._spares) < SPARES:
+                spare = self.root / "scratch" / f"spare.{uuid.uuid4().hex[:12]}"
+                try:
+                    os.replace(path, spare)
+                except FileNotFoundError:
+                    return
+                self._spares.append((spare, size))
+                return
+        path.unlink(missing_ok=True)
+
+    def _spare(self, size: int) -> Path | None:
+        """A spare file of exactly ``size`` bytes for a write to overwrite, if one is kept."""
+        with self._spares_lock:
+            for i, (path, n) in enumerate(self._spares):
+                if n == size:
+                    del self._spares[i]
+                    return path
+        return None
 
     # -- housekeeping
 

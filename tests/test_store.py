@@ -64,3 +64,47 @@ def test_lock_foreign_folder_and_garbage(tmp_path):
     store.collect_garbage({"head": 4}, set())
     assert sorted(p.name for p in (store.root / "units").iterdir()) == ["head.v000004.safetensors"]
     assert not list((store.root / "scratch").iterdir())
+
+
+def _spares(store):
+    return sorted(p.name for p in (store.root / "scratch").iterdir() if p.name.startswith("spare."))
+
+
+def test_a_retired_file_is_overwritten_in_place_by_the_next_write_of_its_size(tmp_path):
+    store = Store(tmp_path / "w")
+    for v in (0, 1):
+        store.write_unit("layers.0", v, {"w": torch.randn(64, 64)})
+    store.write_scratch("input.0", torch.randn(8, 64), "inputs")
+    old = store.unit_path("layers.0", 0).stat().st_ino
+    store.retire_unit("layers.0", 0)
+    store.retire_scratch("input.0")
+    assert not store.unit_path("layers.0", 0).exists() and len(_spares(store)) == 2
+
+    new = {"w": torch.randn(64, 64)}
+    store.write_unit("layers.0", 2, new)  # takes the spare of its size, not the input's
+    assert store.unit_path("layers.0", 2).stat().st_ino == old and len(_spares(store)) == 1
+    assert torch.equal(store.read_unit("layers.0", 2)["w"], new["w"])
+    store.write_unit("layers.1", 0, {"w": torch.randn(32, 64)})  # no spare of its size: a new file
+    assert len(_spares(store)) == 1
+    x = torch.randn(8, 64)
+    store.write_scratch("grad.s1", x, "grads")  # the retired input's size: its file
+    assert _spares(store) == [] and torch.equal(store.read_scratch("grad.s1", "grads"), x)
+
+    store.retire_unit("layers.0", 1)
+    store.close()  # spares go with the process that kept them
+    assert _spares(store) == []
+
+
+def test_spares_of_one_size_are_bounded_and_a_crash_leaves_none(tmp_path, monkeypatch):
+    monkeypatch.setattr("slowft.store.SPARES", 2)
+    store = Store(tmp_path / "w")
+    for v in range(4):
+        store.write_unit("layers.0", v, {"w": torch.randn(16, 16)})
+    for v in range(4):
+        store.retire_unit("layers.0", v)
+    assert len(_spares(store)) == 2 and not list((store.root / "units").iterdir())
+    store._spares.clear()  # as after a crash: the files stay behind
+    store.close()
+    store = Store(tmp_path / "w")
+    store.collect_garbage({}, set())
+    assert _spares(store) == []
