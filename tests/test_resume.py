@@ -54,6 +54,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(src, reference, tmp_path)
         "scratch_write_data:4:kill",   # spilling a saved input
         "backward_unit:7:kill",        # mid-sweep in a later step
         "unit_write:5:kill",           # between two unit writes
+        "unit_write_data:7:kill",      # overwriting a spare file (the 2nd step of this process)
         "export_unit:2:kill",          # inside a checkpoint export
         "forward_block:5:kill",
         "export_unit:4:kill",          # inside the final export
