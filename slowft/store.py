@@ -321,8 +321,7 @@ class Store:
         """Writes a unit as a new file; tensors still packed as read_unit left them go out uncopied."""
         t0 = time.perf_counter()
         faults.hit("unit_write")
-        buf, size = encode_safetensors(tensors)
-        n = write_file_atomic(self.unit_path(unit, version), buf, size, "unit_write_data", self.direct, self._spare(size))
+        n = self._write(self.unit_path(unit, version), tensors, "unit_write_data")
         dt = time.perf_counter() - t0
         optim = _nbytes(tensors, True)
         self.stats.add("written", "weights", n - optim, dt)
@@ -348,9 +347,7 @@ class Store:
 
     def write_scratch(self, name: str, tensor: torch.Tensor, category: str) -> int:
         t0 = time.perf_counter()
-        buf, size = encode_safetensors({"x": tensor})
-        n = write_file_atomic(self.root / "scratch" / f"{name}.safetensors", buf, size, "scratch_write_data", self.direct,
-                              self._spare(size))
+        n = self._write(self.root / "scratch" / f"{name}.safetensors", {"x": tensor}, "scratch_write_data")
         self.stats.add("written", category, n, time.perf_counter() - t0)
         return n
 
@@ -365,6 +362,11 @@ class Store:
         self._retire(self.root / "scratch" / f"{name}.safetensors")
 
     # -- spare files
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], fault_point: str) -> int:
+        """Writes a file atomically, over a spare of its size where one is kept."""
+        buf, size = encode_safetensors(tensors)
+        return write_file_atomic(path, buf, size, fault_point, self.direct, self._spare(size))
 
     def _retire(self, path: Path) -> None:
         """Keeps a file nothing needs any more as a spare (see the module's docstring), or deletes it
