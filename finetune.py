@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--ram-budget", type=parse_size, default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
-    ap.add_argument("--io-depth", type=int, default=1, help="blocks read ahead (and writes pending) beside the one computing")
+    ap.add_argument("--io-depth", type=int, default=1, help="units read ahead (and writes pending) beside the one computing; a read waits for the writes before it")
     ap.add_argument("--prompt", help="print this prompt's continuation before and after training")
     ap.add_argument("--eval-every", type=int, default=0, help="also print it every N steps")
     ap.add_argument("--max-new-tokens", type=int, default=32)

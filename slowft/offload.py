@@ -1,11 +1,12 @@
 """Hiding the SSD: units and saved inputs come in ahead of use and go out behind it.
 
-Two background threads do the disk I/O: one reads, one writes, so a read that the next block
-needs never waits behind the write of another. Order is explicit where it matters: a read of a
-unit (or saved input) waits for that file's pending write, and a journal commit runs on the
-writer thread after the writes it names, so it only ever names durable files. While block i
-computes, block i+1 is written back and block i-1 read in; a bounded number of writes may be
-pending, so RAM holds about three blocks beyond the resident set.
+Background threads do the disk I/O, one reading and one writing. Order is explicit where it
+matters: a read of a unit (or saved input) waits for that file's pending write, and a journal
+commit runs on the writer thread after the writes it names, so it only ever names durable files.
+While block i computes, block i+1 is written back and then block i-1 is read into the buffer
+that write frees: a unit read waits for the unit writes pending before it. An SSD gives reads and
+writes one bandwidth, so overlapping them would gain little and cost a block of memory; so at
+--io-depth 1, beyond the resident set, memory holds the unit computing and one other.
 
 What stays resident is decided by the known future: a pass's schedule of units is given up
 front and, when room is needed, the unit whose next use is farthest away is dropped (Belady).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,11 +57,11 @@ class IOWorker:
             return fut
         return self._pools[lane].submit(task)
 
-    def submit(self, fn, *args, write: bool = False, after: Future | None = None) -> Future:
-        """Queues ``fn(*args)`` on the reader or writer thread, once ``after`` (a write) is done."""
+    def submit(self, fn, *args, write: bool = False, after: Sequence[Future] = ()) -> Future:
+        """Queues ``fn(*args)`` on the reader or writer thread, once the futures ``after`` are done."""
         def run():
-            if after is not None:
-                after.exception()
+            for fut in after:
+                fut.exception()
             if self._failed is not None:  # the original error (e.g. ENOSPC), for whoever waits on this
                 raise self._failed
             if write and self.delay:
@@ -154,6 +156,32 @@ class BufferPool:
                 self.bytes += buf.numel()
 
 
+class _Write:
+    """A unit's write in flight, and the buffers to hand back to the pool once it is done (its
+    unit's, if evicted meanwhile; a GPU's packed host copy). The write hands them back itself,
+    before its future completes, so a read waiting for it finds them in the pool."""
+
+    def __init__(self, pool: BufferPool):
+        self.pool, self.fut = pool, None
+        self._held: list[dict] | None = []
+        self._lock = threading.Lock()
+
+    def hold(self, tensors: dict) -> None:
+        """Gives ``tensors`` to the pool once the write is done (at once, if it is)."""
+        with self._lock:
+            if self._held is not None:
+                self._held.append(tensors)
+                return
+        self.pool.give(tensors)
+
+    def done(self) -> None:
+        """Called by the write itself, done or failed."""
+        with self._lock:
+            held, self._held = self._held, None
+        for tensors in held:
+            self.pool.give(tensors)
+
+
 @dataclass
 class _Entry:
     tensors: dict | None = None  # on the compute device, storage dtype
@@ -174,12 +202,12 @@ class UnitCache:
         self.depth = max(0, depth)
         self.set_budget(budget)
         self.entries: dict[str, _Entry] = {}
-        self.writing: dict[str, Future] = {}  # the latest write of each unit
+        self.writing: dict[str, _Write] = {}  # the latest write of each unit
         self.pool = BufferPool(max_bytes=round_up(self.max_block))
         self.schedule: list[str] = []
         self.pos = 0
         self._uncommitted: list[Future] = []
-        self._unit_writes: collections.deque[Future] = collections.deque()
+        self._unit_writes: collections.deque[_Write] = collections.deque()
 
     def set_budget(self, budget: int) -> None:
         """Everything fits: keep it all and write only at commits. Otherwise stream, writing each
@@ -203,15 +231,14 @@ class UnitCache:
         return n + 1
 
     def _ahead(self) -> list[str]:
-        """The next ``depth`` units of the schedule that are not in use: those to read ahead. (A
-        unit in use further on, like the top block, held from its forward through the head's
-        backward to its own, does not take the place of one to read.)"""
+        """The next ``depth`` units of the schedule besides the current one: those to read ahead.
+        (A unit in use further on, like the top block, held from its forward through the head's
+        backward to its own, takes the place of one to read: it holds as much memory.)"""
         ahead: list[str] = []
         n = len(self.schedule)
         for d in range(1, n):
             unit = self.schedule[(self.pos + d) % n]
-            entry = self.entries.get(unit)
-            if unit == self.schedule[self.pos] or (entry is not None and entry.pins) or unit in ahead:
+            if unit == self.schedule[self.pos] or unit in ahead:
                 continue
             if len(ahead) == self.depth:
                 break
@@ -235,19 +262,17 @@ class UnitCache:
         """Drops a unit from memory; its buffer is reused once its pending write (if any) is done."""
         tensors = self.entries.pop(unit).tensors
         pending = self.writing.get(unit)
-        if pending is not None and not pending.done():
-            self._give_when_done(pending, tensors)
+        if pending is not None:
+            pending.hold(tensors)
         else:
             self.pool.give(tensors)
 
-    def _give_when_done(self, fut: Future, tensors: dict) -> None:
-        """Hands ``tensors`` to the pool when ``fut`` is done. A future keeps its callbacks, so the
-        callback must not hold the tensors itself: it empties a list instead."""
-        held = [tensors]
-        fut.add_done_callback(lambda _: self.pool.give(held.pop()))
-
     def _start_read(self, unit: str) -> _Entry:
-        after = self.writing.get(unit)  # a unit is never read before its pending write is done
+        """Reads once the unit writes now pending are done (the unit's own among them, if any): a
+        unit is never read stale, and the read fills the buffer a write freed."""
+        after = [w.fut for w in self._unit_writes if not w.fut.done()]
+        if unit in self.writing:
+            after.append(self.writing[unit].fut)
         entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], self.pool.take, after=after))
         self.entries[unit] = entry
         return entry
@@ -294,7 +319,7 @@ class UnitCache:
                 self.pool.give(cpu)
             entry.reading = None
         if for_update and unit in self.writing:
-            self.writing.pop(unit).result()  # never update tensors the writer is still copying out
+            self.writing.pop(unit).fut.result()  # never update tensors the writer is still copying out
         self.io.check()
         return entry.tensors
 
@@ -314,7 +339,7 @@ class UnitCache:
         """Waits for room to queue a unit's write: at most ``depth`` are ever pending, which
         bounds the units write-behind holds in memory (journal commits are small, not counted)."""
         while len(self._unit_writes) >= max(1, self.depth):
-            self._unit_writes.popleft().exception()
+            self._unit_writes.popleft().fut.exception()
         self.io.check()
 
     def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -322,12 +347,19 @@ class UnitCache:
             host = tensors
         else:  # copy out, packed as the file wants it, into a recycled host buffer handed back once written
             host = pack(tensors, take=self.pool.take)
-        fut = self.io.submit(self.store.write_unit, unit, self.versions[unit], host, write=True)
+        self.writing[unit] = written = _Write(self.pool)
         if self.device.type != "cpu":
-            self._give_when_done(fut, host)
-        self.writing[unit] = fut
-        self._uncommitted.append(fut)
-        self._unit_writes.append(fut)
+            written.hold(host)
+        written.fut = self.io.submit(self._write_unit, unit, self.versions[unit], host, written, write=True)
+        self._uncommitted.append(written.fut)
+        self._unit_writes.append(written)
+
+    def _write_unit(self, unit: str, version: int, tensors: dict[str, torch.Tensor], written: _Write) -> int:
+        """Runs on the writer thread; the buffers go back before the write counts as done."""
+        try:
+            return self.store.write_unit(unit, version, tensors)
+        finally:
+            written.done()
 
     def drop(self, unit: str) -> None:
         """Forgets an in-memory copy that must not be used (e.g. after a non-finite update)."""
@@ -399,7 +431,7 @@ class SavedInputs:
                 self.store.retire_scratch(f"input.{i}")  # here, not tidied later: the next step reuses the name
                 return x
 
-            self.reading[i] = self.io.submit(read, after=self.spilled[i])
+            self.reading[i] = self.io.submit(read, after=[self.spilled[i]])
 
     def load(self, i: int) -> torch.Tensor:
         if i in self.kept:

@@ -296,6 +296,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 if top is not None and unit == top.unit:
                     kept, top = top, None
                     g = kept.backward(g)
+                    del kept  # its weights would hold the block's buffer until the step ends
                 else:
                     x = model.inputs.load(i)
                     g = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
