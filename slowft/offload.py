@@ -161,8 +161,8 @@ class _Write:
     unit's, if evicted meanwhile; a GPU's packed host copy). The write hands them back itself,
     before its future completes, so a read waiting for it finds them in the pool."""
 
-    def __init__(self, pool: BufferPool):
-        self.pool, self.fut = pool, None
+    def __init__(self, pool: BufferPool, tensors: dict):
+        self.pool, self.fut, self.tensors = pool, None, tensors  # tensors: what to write, until taken
         self._held: list[dict] | None = []
         self._lock = threading.Lock()
 
@@ -347,18 +347,21 @@ class UnitCache:
             host = tensors
         else:  # copy out, packed as the file wants it, into a recycled host buffer handed back once written
             host = pack(tensors, take=self.pool.take)
-        self.writing[unit] = written = _Write(self.pool)
+        self.writing[unit] = written = _Write(self.pool, host)
         if self.device.type != "cpu":
             written.hold(host)
-        written.fut = self.io.submit(self._write_unit, unit, self.versions[unit], host, written, write=True)
+        written.fut = self.io.submit(self._write_unit, unit, self.versions[unit], written, write=True)
         self._uncommitted.append(written.fut)
         self._unit_writes.append(written)
 
-    def _write_unit(self, unit: str, version: int, tensors: dict[str, torch.Tensor], written: _Write) -> int:
-        """Runs on the writer thread; the buffers go back before the write counts as done."""
+    def _write_unit(self, unit: str, version: int, written: _Write) -> int:
+        """Runs on the writer thread. The buffers go back before the write counts as done, and the
+        tensors are not among its arguments: those live on until after its future completes."""
+        tensors, written.tensors = written.tensors, None
         try:
             return self.store.write_unit(unit, version, tensors)
         finally:
+            del tensors
             written.done()
 
     def drop(self, unit: str) -> None:
