@@ -268,11 +268,10 @@ class UnitCache:
             self.pool.give(tensors)
 
     def _start_read(self, unit: str) -> _Entry:
-        """Reads once the unit writes now pending are done (the unit's own among them, if any): a
-        unit is never read stale, and the read fills the buffer a write freed."""
+        """Reads once the unit writes now pending are done (the unit's own among them, if any: only
+        done writes leave ``_unit_writes``): a unit is never read stale, and the read fills the
+        buffer a write freed."""
         after = [w.fut for w in self._unit_writes if not w.fut.done()]
-        if unit in self.writing:
-            after.append(self.writing[unit].fut)
         entry = _Entry(reading=self.io.submit(self.store.read_unit, unit, self.versions[unit], self.pool.take, after=after))
         self.entries[unit] = entry
         return entry
