@@ -16,7 +16,9 @@ from typing import Callable
 
 import torch
 
-Rows = Callable[[int, int], torch.Tensor]  # (a, b) -> the gradient of p[a:b]
+# (a, b) -> the gradient of p[a:b]; its next call may reuse the tensor, so an update is done
+# with one slice before it asks for the next
+Rows = Callable[[int, int], torch.Tensor]
 
 # An update works on about this many bytes of a parameter at a time: 13b's tensors are 100-650 MB
 # in fp32, so its temporaries stay small, in pieces few enough that GPU kernel launches (~40 per

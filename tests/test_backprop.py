@@ -57,8 +57,11 @@ PATHS = {
     # every update a row (or 10 of a vector) at a time: Adalite's two passes, the head's and the
     # embedding's gradients built slice by slice
     "updates-in-chunks-of-rows": dict(budget=0, update_chunk=40),
+    # both: each slice of the head's matrix gradient summed over the kept chunks' logit gradients
+    # into one buffer that the next slice reuses
+    "head-chunks-and-row-updates": dict(budget=0, logits_chunk=5, update_chunk=40),
 }
-ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of-rows"]
+ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of-rows", "head-chunks-and-row-updates"]
 
 
 def set_path(monkeypatch, logits_chunk=None, update_chunk=None, **_):

@@ -1,0 +1,29 @@
+import ctypes
+import sys
+
+import psutil
+import pytest
+
+from slowft import heap
+
+glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim")
+
+
+@pytest.mark.skipif(not glibc, reason="glibc's heap: macOS's zones are not checked here")
+def test_free_heap_pages_go_back_to_the_system():
+    """200 MB of small blocks, freed but for the last (it keeps the heap from shrinking at its
+    top, as a live tensor does in a step), stay resident until they are released."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, n = 16 << 10, 12800  # below malloc's mmap threshold: from the heap
+    blocks = [libc.malloc(size) for _ in range(n)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks[:-1]:
+        libc.free(b)
+    rss = psutil.Process().memory_info().rss
+    heap.release_free_heap()
+    freed = rss - psutil.Process().memory_info().rss
+    libc.free(blocks[-1])
+    assert freed > 150e6
