@@ -174,7 +174,7 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
 
     def output_rows(a: int, b: int) -> torch.Tensor:
         """The gradient of output.weight[a:b], a matmul per chunk of tokens into one buffer
-        that every slice reuses (a new 16 MB tensor per slice left glibc's heap ~100 MB larger)."""
+        that every slice reuses (a new 16 MB tensor per slice left glibc's heap ~120 MB larger)."""
         nonlocal buf
         if buf.shape[0] < b - a:
             buf = torch.empty(b - a, W.shape[1], device=W.device, dtype=torch.float32)
