@@ -291,7 +291,6 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
         # the head's (dim 1024 with llama's vocab), or where a block outweighs the head (every
         # llama2 size) each block's: the heap's free pages go back before it. (Before every
         # block at dim 1024, batch 1 x 32, that cost +60 % page faults and ~0.35 s of a 5 s step.)
-        release_free_heap()
         release_each_block = max(model.unit_bytes[u] for u in model.layer_units) > model.unit_bytes["head"]
         loss, g = (sweep["loss"], model.store.read_scratch(sweep["grad"], "grads").to(model.device)) if done else (None, None)
         last_commit = done
@@ -301,6 +300,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                 _stop(model, t, k, g, loss, batch, len(bwd))
             faults.hit("backward_unit")
             if unit == "head":
+                release_free_heap()
                 g, loss = backward_head(model, h, targets, optimizer, t + 1)
             elif unit == "tok_embeddings":
                 backward_embedding(model, tokens, g, optimizer, t + 1, at("emb"))
