@@ -39,6 +39,7 @@ class SGD:
     """Stateless SGD as in LOMO: ``p -= lr * (g + weight_decay * p)`` (torch.optim.SGD's arithmetic)."""
 
     name = "sgd"
+    passes = 1  # times update() asks for each slice of the gradient
 
     def __init__(self, lr: float, weight_decay: float = 0.0):
         self.lr, self.weight_decay = lr, weight_decay
@@ -67,6 +68,7 @@ class Adalite:
     """
 
     name = "adalite"
+    passes = 2
 
     def __init__(self, lr: float, eps: float = 1e-5, Lambda: float = 0.01, beta_decay: float = 0.8,
                  centralize: bool = True, use_rms: bool = True):

@@ -60,3 +60,42 @@ def test_head_and_embedding_updates_never_hold_a_vocab_sized_gradient(tiny, tmp_
         forward, step = map(int, r.stdout.split()[-2:])
         print(f"{opt}: peak RSS forward {forward / 1e6:.1f} MB, step {step / 1e6:.1f} MB; head {head / 1e6:.1f} MB")
         assert step - forward < 0.5 * head
+
+
+def test_sgd_takes_a_block_matrix_gradient_a_slice_at_a_time(gqa_model, tmp_path, monkeypatch):
+    """With an optimizer that reads each slice once, no block matrix's gradient exists whole:
+    each slice it is handed lives in a buffer of a few rows (at dim 4096, w1's whole gradient
+    would be 0.18 GB). Adalite reads each slice twice and takes autograd's whole gradient."""
+    import torch
+
+    import slowft
+
+    monkeypatch.setattr(slowft.optim, "CHUNK_BYTES", 4 * 64 * 8)  # 8 rows of a [*, 64] matrix
+    seen: dict[tuple, list[tuple[int, int]]] = {}  # (optimizer, shape) -> (rows asked, bytes behind them)
+
+    def spy(cls):
+        update = cls.update
+
+        def spied(self, p, rows, state, t):
+            def watched(a, b):
+                g = rows(a, b)
+                seen.setdefault((cls.name, tuple(p.shape)), []).append((b - a, g.untyped_storage().nbytes()))
+                return g
+
+            return update(self, p, watched, state, t)
+
+        monkeypatch.setattr(cls, "update", spied)
+
+    spy(slowft.SGD)
+    spy(slowft.Adalite)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    for opt in (slowft.SGD(lr=1e-3), slowft.Adalite(lr=1e-3)):
+        with slowft.load(gqa_model, workdir=tmp_path / opt.name, device="cpu", ram_budget=0, progress=False) as model:
+            model.step(tokens, tokens, opt)
+            block = {tuple(t.shape) for k, t in model.named_tensors() if k.startswith("layers.0.") and t.dim() == 2}
+    assert len(block) >= 3  # wq / wo, wk / wv (GQA), w1 / w3, w2
+    for shape in block:
+        whole = shape[0] * shape[1] * 4
+        sgd, adalite = seen[("sgd", shape)], seen[("adalite", shape)]
+        assert max(n for _, n in sgd) <= 8 * shape[1] * 4 < whole, shape
+        assert min(n for _, n in adalite) >= whole, shape
