@@ -1,14 +1,20 @@
-"""Gives the C heap's free pages back to the system before the step's high point.
+"""Gives memory slowft holds but does not use back to the system.
 
-torch takes CPU tensors of up to 32 MB from malloc's heap. glibc keeps what a block's backward
-freed there, resident, to the end of the process: at dim 1024, 100-250 MB when the head, the
-step's high point, begins. Giving them back costs a few ms a step; the next block's backward
-takes its pages from the system again.
+The C heap's free pages, before the step's high point: torch takes CPU tensors of up to 32 MB
+from malloc's heap, and glibc keeps what a block's backward freed there, resident, to the end of
+the process: at dim 1024, 100-250 MB when the head, the step's high point, begins. Giving them
+back costs a few ms a step; the next block's backward takes its pages from the system again.
+
+The unused end of a recycled buffer: a unit read into a buffer that held a larger one (the head
+into a block's, 0.8 GB against 0.5 GB at dim 4096) would keep the difference resident.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
+
+import torch
 
 
 def _releaser():
@@ -34,3 +40,30 @@ def release_free_heap() -> None:
     """Returns the heap's free pages to the system, where the C library can (glibc, macOS)."""
     if _release is not None:
         _release()
+
+
+def _madvise():
+    # pages whose contents may go: Linux frees them at once; macOS's malloc uses REUSABLE likewise
+    advice = getattr(mmap, "MADV_FREE_REUSABLE" if sys.platform == "darwin" else "MADV_DONTNEED", None)
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    if advice is None:
+        return None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return lambda addr, n: madvise(addr, n, advice)
+
+
+_discard = _madvise()
+
+
+def release_pages(buf: torch.Tensor) -> None:
+    """Gives the whole pages inside ``buf`` (a CPU tensor over memory mapped from the OS, not the
+    heap) back to the system; their contents are lost, a later write gets fresh pages."""
+    if _discard is None or buf.device.type != "cpu":
+        return
+    start, end = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+    start, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _discard(start, end - start)

@@ -64,7 +64,7 @@ class _LinearRowsGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        gx = g @ w
+        gx = g @ w if ctx.needs_input_grad[0] else None
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         buf = g.new_empty(0)
 

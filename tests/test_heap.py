@@ -27,3 +27,22 @@ def test_free_heap_pages_go_back_to_the_system():
     freed = rss - psutil.Process().memory_info().rss
     libc.free(blocks[-1])
     assert freed > 150e6
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS falls at once on Linux; macOS reclaims lazily")
+def test_a_buffer_lent_for_less_gives_back_its_unused_pages():
+    """The pool lends a block's buffer to a smaller unit (the head, at dim 4096): the pages past
+    what the unit needs leave RSS; those it needs keep their contents."""
+    from slowft.directio import aligned_empty
+    from slowft.offload import BufferPool
+
+    big = aligned_empty(64 << 20)
+    big.fill_(7)
+    pool = BufferPool(max_bytes=64 << 20)
+    pool.give({"unit": big})
+    rss = psutil.Process().memory_info().rss
+    lent = pool.take(16 << 20)
+    freed = rss - psutil.Process().memory_info().rss
+    assert lent.data_ptr() == big.data_ptr() and lent.numel() == 64 << 20
+    assert freed > 40e6
+    assert bool((lent[: 16 << 20] == 7).all())
