@@ -52,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 1e-5 for adalite (each tensor moves ~0.3%% of its norm per step), 1e-3 for sgd")
-    ap.add_argument("--optimizer", choices=["adalite", "sgd"], default="adalite")
+    ap.add_argument("--optimizer", choices=["adalite", "sgd"], default="adalite",
+                    help="adalite: adaptive, its small state kept beside each block; sgd: stateless, and no "
+                         "block matrix's gradient ever exists whole (the least memory)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="sgd only")
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--warmup-steps", type=int, default=0)
