@@ -16,17 +16,19 @@ import sys
 
 import torch
 
+try:
+    _LIBC = ctypes.CDLL(None)  # the C library: malloc's and the kernel's calls below
+except OSError:
+    _LIBC = None
+
 
 def _releaser():
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    if sys.platform == "darwin" and hasattr(libc, "malloc_zone_pressure_relief"):
+    libc = _LIBC
+    if libc is not None and sys.platform == "darwin" and hasattr(libc, "malloc_zone_pressure_relief"):
         relief = libc.malloc_zone_pressure_relief  # (zone, goal): all zones, as much as it can
         relief.argtypes, relief.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_size_t
         return lambda: relief(None, 0)
-    if hasattr(libc, "malloc_trim"):  # glibc
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc
         trim = libc.malloc_trim
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
         return lambda: trim(0)
@@ -45,12 +47,9 @@ def release_free_heap() -> None:
 def _madvise():
     # pages whose contents may go: Linux frees them at once; macOS's malloc uses REUSABLE likewise
     advice = getattr(mmap, "MADV_FREE_REUSABLE" if sys.platform == "darwin" else "MADV_DONTNEED", None)
-    try:
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
+    if _LIBC is None or advice is None or not hasattr(_LIBC, "madvise"):
         return None
-    if advice is None:
-        return None
+    madvise = _LIBC.madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return lambda addr, n: madvise(addr, n, advice)
 

@@ -50,10 +50,29 @@ def _optim_state(master: dict, name: str, optimizer) -> dict:
     return state
 
 
+def _weight_rows(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
+    """The gradient of ``w`` in ``y = x @ w.T`` from (gradient of y, x) per chunk of tokens, a
+    slice of rows at a time: each slice summed over the chunks into one buffer that the next
+    reuses (a new tensor per slice left glibc's heap ~120 MB larger in the head)."""
+    g0, x0 = chunks[0]
+    buf = g0.new_empty(0)
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        nonlocal buf
+        if buf.shape[0] < b - a:
+            buf = g0.new_empty(b - a, x0.shape[1])
+        o = buf[: b - a]
+        for k, (g, x) in enumerate(chunks):
+            o.addmm_(g[:, a:b].T, x, beta=0 if k == 0 else 1)
+        return o
+
+    return rows
+
+
 class _LinearRowsGrad(torch.autograd.Function):
-    """``F.linear(x, w)`` whose backward gives the update ``w``'s gradient as Rows, each slice one
-    matmul into a reused buffer, so a matrix's whole gradient never exists (w1's is 0.18 GB at dim
-    4096 in fp32, 0.9 GB at 70b). The input's gradient is taken first, from ``w`` not yet updated."""
+    """``F.linear(x, w)`` whose backward gives the update ``w``'s gradient as Rows (_weight_rows),
+    so a matrix's whole gradient never exists (w1's is 0.18 GB at dim 4096 in fp32, 0.9 GB at
+    70b). The input's gradient is taken first, from ``w`` not yet updated."""
 
     @staticmethod
     def forward(ctx, x, w, update):
@@ -65,16 +84,7 @@ class _LinearRowsGrad(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = g @ w if ctx.needs_input_grad[0] else None
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        buf = g.new_empty(0)
-
-        def rows(a: int, b: int) -> torch.Tensor:
-            nonlocal buf
-            if buf.shape[0] < b - a:
-                buf = g.new_empty(b - a, x2.shape[1])
-            return torch.mm(g2[:, a:b].T, x2, out=buf[: b - a])
-
-        ctx.update(rows)
+        ctx.update(_weight_rows([(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))]))
         return gx, None, None
 
 
@@ -225,20 +235,7 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         model.cache.release("head")
         raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
 
-    buf = torch.empty(0, device=W.device)
-
-    def output_rows(a: int, b: int) -> torch.Tensor:
-        """The gradient of output.weight[a:b], a matmul per chunk of tokens into one buffer
-        that every slice reuses (a new 16 MB tensor per slice left glibc's heap ~120 MB larger)."""
-        nonlocal buf
-        if buf.shape[0] < b - a:
-            buf = torch.empty(b - a, W.shape[1], device=W.device, dtype=torch.float32)
-        o = buf[: b - a]
-        for k, (grad, normed) in enumerate(zip(kept_grads, kept_normed)):
-            o.addmm_(grad[:, a:b].T, normed, beta=0 if k == 0 else 1)
-        return o
-
-    u.apply("output.weight", output_rows if keep else dW)
+    u.apply("output.weight", _weight_rows(list(zip(kept_grads, kept_normed))) if keep else dW)
     u.apply("norm.weight", dnw)
     u.finish()
     return g.view_as(h), loss.item()
