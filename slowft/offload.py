@@ -361,7 +361,10 @@ class UnitCache:
         tensors are not among its arguments: those live on until after its future completes."""
         tensors, written.tensors = written.tensors, None
         try:
-            return self.store.write_unit(unit, version, tensors)
+            n = self.unit_bytes[unit] = self.store.write_unit(unit, version, tensors)
+            if unit.startswith("layers."):  # a file grows once, as the optimizer adds its state: the pool follows
+                self.pool.max_bytes = max(self.pool.max_bytes, round_up(n))
+            return n
         finally:
             del tensors
             written.done()

@@ -329,8 +329,18 @@ class Store:
         return n
 
     def retire_unit(self, unit: str, version: int) -> None:
-        """A superseded version, once the journal names a newer one."""
-        self._retire(self.unit_path(unit, version))
+        """A superseded version, once the journal names a newer one. Kept as a spare only where
+        the newer one has its size: a unit's file grows once, as the optimizer adds its state at
+        its first update, and spares of the old size would never be taken (the model's size)."""
+        path = self.unit_path(unit, version)
+        try:
+            same = path.stat().st_size == self.unit_path(unit, version + 1).stat().st_size
+        except FileNotFoundError:
+            same = False
+        if same:
+            self._retire(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def unit_versions(self) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {}

@@ -133,3 +133,35 @@ def test_streaming_holds_the_unit_computing_and_one_more(gqa_model, tmp_path, mo
     assert len(reads) > model.args.n_layers and len(writes) == 3 * (model.args.n_layers + 2)
     assert most[0] == 2
     assert not [(r, w) for r in reads for w in writes if r[0] < w[1] and w[0] < r[1]]
+
+
+def test_adalite_growing_its_units_keeps_recycling_buffers_and_spares(tiny, tmp_path, monkeypatch):
+    """Adalite's first update adds its state to every unit, so every file grows once. The buffer
+    pool must then take the larger buffers (or every later read faults in fresh memory), and the
+    imported files, of a size no write will take again, must go rather than wait as spares (a
+    model's worth of disk)."""
+    new = [0]
+    real = slowft.directio.aligned_empty
+
+    def counted(nbytes):
+        new[0] += nbytes >= unit_size
+        return real(nbytes)
+
+    with open_model(tiny(dim=128, layers=4, heads=4), tmp_path / "w", ram_budget=0) as model:  # its blocks grow by a page
+        imported = {p.stat().st_size for p in (tmp_path / "w" / "units").iterdir()}
+        unit_size = min(imported)
+        unit_reads = 2 * 2 * len(model.unit_bytes)  # two steps
+        tokens, targets = batch()
+        opt = slowft.Adalite(lr=0.01)
+        model.step(tokens, targets, opt)
+        model.io.drain()
+        monkeypatch.setattr(slowft.directio, "aligned_empty", counted)
+        for _ in range(2):
+            model.step(tokens, targets, opt)
+        model.io.drain()
+        monkeypatch.undo()
+        units = {p.stat().st_size for p in (tmp_path / "w" / "units").iterdir()}
+        spares = [p.stat().st_size for p in (tmp_path / "w" / "scratch").glob("spare.*")]
+    gone = imported - units  # sizes no unit has any more (the blocks grew by pages; the head's state fits its padding)
+    assert gone and any(n in units for n in spares) and not any(n in gone for n in spares)
+    assert new[0] <= unit_reads // 4  # unit buffers made anew (before: one per read)
