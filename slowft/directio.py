@@ -68,6 +68,7 @@ def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
             if e.errno != errno.EINVAL:
                 raise
             supported = False
+            flags &= ~os.O_EXCL  # the refusal comes after the file is made (temp names are unique)
     fd = os.open(path, flags, 0o644)
     if direct and supported and sys.platform == "darwin":
         try:
