@@ -141,14 +141,15 @@ def constant_lr(lr: float):
 
 
 def cosine_with_warmup(lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
-    """SlimTrainer's CosineDecayWithWarmup, decaying to ``min_lr``; ``step`` counts from 0."""
+    """Linear warmup to ``lr`` over ``warmup_steps`` (the last of them at ``lr``), then a cosine
+    decay towards ``min_lr`` that its last step does not reach: no step is spent at lr 0 (a run
+    of one step trains at ``lr``). ``step`` counts from 0."""
+    top = max(0, warmup_steps - 1)  # the first step at full lr
 
     def at(step: int) -> float:
-        t = step + 1
-        if t < warmup_steps:
-            return lr * t / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (t - warmup_steps) / span)
+        if step < top:
+            return lr * (step + 1) / warmup_steps
+        progress = min(1.0, (step - top) / max(1, total_steps - top))
         return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
 
     return at
