@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import SlowftError
+from .progress import progress
 from .tokenizer import Tokenizer
 
 
@@ -30,11 +32,12 @@ def read_text(path: Path) -> str:
 
 
 def text_files(paths: list[Path]) -> list[Path]:
-    """Files as given; a folder stands for its *.txt files."""
+    """Files as given; a folder stands for its *.txt files (not hidden ones, like the ._notes.txt
+    macOS leaves beside notes.txt on some drives)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.glob("*.txt"))
+            found = sorted(f for f in p.glob("*.txt") if not f.name.startswith("."))
             if not found:
                 raise SlowftError(f"--data {p}: folder has no .txt files; expected plain-text files")
             files += found
@@ -49,19 +52,24 @@ class TokenData:
 
     @classmethod
     def from_files(cls, paths: list[Path], tokenizer: Tokenizer) -> "TokenData":
-        """Each file is one document: BOS, its tokens, EOS."""
+        """Each file is one document: BOS, its tokens, EOS. Held as int32 (4 bytes a token)."""
         files = text_files(paths)
-        ids: list[int] = []
-        for f in files:
-            ids += tokenizer.encode(read_text(f), bos=True, eos=True)
-        return cls(torch.tensor(ids, dtype=torch.int64), files)
+        parts, size = [], {f: f.stat().st_size if f.is_file() else 0 for f in files}  # read_text names what is missing
+        with progress(sum(size.values()), "tokenize", leave=False) as bar:
+            for f in files:
+                parts.append(tokenizer.encode_long(read_text(f), bos=True, eos=True))
+                bar.update(size[f])
+        return cls(torch.from_numpy(np.concatenate(parts)), files)
 
     def __len__(self) -> int:
         return self.tokens.numel()
 
     def fingerprint(self) -> str:
         """Identifies the token stream, so a run resumes only on the data it started with."""
-        digest = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for chunk in self.tokens.split(1 << 20):  # of the int64 stream, as it was first held
+            h.update(chunk.numpy().astype(np.int64).tobytes())
+        digest = h.hexdigest()[:16]
         return f"{len(self)} tokens, {digest}"
 
     def check(self, seq_len: int) -> None:
@@ -75,5 +83,5 @@ class TokenData:
         """(tokens, targets), each [batch_size, seq_len]: random windows, targets shifted by one."""
         gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
         starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=gen)
-        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()])
+        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()]).long()
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
