@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import shlex
 import shutil
@@ -25,8 +26,8 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
-from slowft.loader import DTYPE_NAMES, MetaSource, import_model
-from slowft.offloaded import OffloadedModel, cache_root, open_workdir, pick_device
+from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model
+from slowft.offloaded import OffloadedModel, cache_root, check_export_path, open_workdir, pick_device
 from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
@@ -73,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
     ap.add_argument("--export-shards", type=int, default=None, help="default: the source's shard count")
     a = ap.parse_args(argv)
+    if a.demo and a.model is not None:
+        raise SlowftError(f"--demo: trains a tiny model it makes itself; expected no model folder (got {a.model})")
+    if a.resume and a.reset_workdir:
+        raise SlowftError("--resume --reset-workdir: one continues the unfinished run, the other discards it; expected one of them")
     a.demo = a.demo or a.model is None
     if a.demo:
         demo_defaults(a, argv if argv is not None else sys.argv[1:])
@@ -82,10 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--steps", a.steps, a.steps > 0, "a positive integer"),
         ("--batch-size", a.batch_size, a.batch_size > 0, "a positive integer"),
         ("--seq-len", a.seq_len, a.seq_len > 0, "a positive integer"),
-        ("--lr", a.lr, a.lr > 0, "a positive number"),
+        ("--lr", a.lr, 0 < a.lr < math.inf, "a positive number"),
         ("--min-lr", a.min_lr, 0 <= a.min_lr <= a.lr, "a number in [0, --lr]"),
         ("--warmup-steps", a.warmup_steps, 0 <= a.warmup_steps <= a.steps, "an integer in [0, --steps]"),
-        ("--weight-decay", a.weight_decay, a.weight_decay >= 0, "a number >= 0"),
+        ("--weight-decay", a.weight_decay, 0 <= a.weight_decay < math.inf, "a number >= 0"),
         ("--dropout", a.dropout, 0 <= a.dropout < 1, "a number in [0, 1)"),
         ("--eval-every", a.eval_every, a.eval_every >= 0, "an integer >= 0"),
         ("--save-every", a.save_every, a.save_every >= 0, "an integer >= 0"),
@@ -105,12 +110,20 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
     a.model = a.model or cache_root() / "demo" / "tiny-llama2"
     if not (a.model / "params.json").exists():
         print(f"demo: building a tiny llama2 model in {a.model}")
-        make_tiny(a.model, **DEMO)
+        try:
+            make_tiny(a.model, **DEMO)
+        except OSError as e:
+            raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
+                              "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
     for flag, value in [("--steps", 60), ("--batch-size", 8), ("--seq-len", 64), ("--lr", 5e-4), ("--min-lr", 1e-4),
                         ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 20), ("--max-new-tokens", 24),
                         ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
         if flag not in given:
             setattr(a, flag[2:].replace("-", "_"), value)
+    if "--warmup-steps" not in given:  # the demo's own choices give way to a shorter run or a lower --lr
+        a.warmup_steps = min(a.warmup_steps, a.steps)
+    if "--min-lr" not in given and a.lr is not None:
+        a.min_lr = min(a.min_lr, a.lr)
 
 
 class StepLog:
@@ -157,12 +170,16 @@ def main(argv=None) -> int:
     src = MetaSource.open(a.model)
     if a.seq_len > src.args.max_seq_len:
         raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
+    if a.export_shards:  # here, not after a night of training
+        check_split(expected_shapes(src.args), src.key_order, a.export_shards, "--export-shards")
     tok = Tokenizer(src.tokenizer)
     data = TokenData.from_files(a.data, tok)
     data.check(a.seq_len)
     out = (a.out or Path("out") / src.path.name).expanduser().resolve()
     if out == src.path or src.path in out.parents:
         raise SlowftError(f"--out {out}: is inside the source model folder {src.path}; expected a folder elsewhere")
+    if out in src.path.parents:  # its model/ is replaced and old checkpoints/ deleted
+        raise SlowftError(f"--out {out}: holds the source model folder {src.path}; expected a folder elsewhere")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -177,6 +194,7 @@ def main(argv=None) -> int:
     store = open_workdir(src, a.workdir, a.storage_dtype, a.reset_workdir)
     model = None
     try:
+        check_export_path(out / "model", src.path, store.root)
         meta = store.read_json("meta.json") or {}
         previous = meta.get("run")
         if previous and not previous.get("finished"):
@@ -216,6 +234,11 @@ def main(argv=None) -> int:
         store.close()
 
 
+def rounded(model: OffloadedModel) -> bool:
+    """Whether the storage dtype loses bits of the source's weights (bfloat16 from float32 or float16)."""
+    return model.meta["storage_dtype"] == "bfloat16" and model.meta["source"]["dtype"] != "bfloat16"
+
+
 def plan_summary(model: OffloadedModel, a, out: Path) -> str:
     m, args = model, model.args
     units = sum(m.unit_bytes.values())
@@ -228,7 +251,8 @@ def plan_summary(model: OffloadedModel, a, out: Path) -> str:
         "streaming blocks from SSD " + ("(direct, bypassing the page cache)" if m.store.direct else "(through the page cache, which holds them)"))
     return "\n".join([
         f"model   {m.meta['source']['path']}: {m.n_params() / 1e6:,.1f}M parameters, {args.n_layers} layers, dim {args.dim}",
-        f"workdir {m.store.root} ({gb(units)} of {m.meta['storage_dtype']} weights)",
+        f"workdir {m.store.root} ({gb(units)} of {m.meta['storage_dtype']} weights"
+        + (f", rounded from the source's {m.meta['source']['dtype']})" if rounded(m) else ")"),
         f"memory  RAM budget {gb(m.ram_budget)}: {mode}; device {m.device}, compute {a.compute_dtype}",
         f"train   {a.steps} steps x {a.batch_size} x {a.seq_len} tokens, {a.optimizer} lr {a.lr:g} ({a.schedule}), from step {m.step_count}",
         f"SSD     writes ~{gb(per_step)} per step, ~{gb(per_step * max(0, a.steps - m.step_count))} for this run"
@@ -298,7 +322,13 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         model.sync()
         if a.prompt:
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
-        final = model.save_llama2(out / "model", a.export_shards, a.export_dtype)
+        try:
+            final = model.save_llama2(out / "model", a.export_shards, a.export_dtype)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise SlowftError(f"--out {out / 'model'}: disk full while exporting; the trained weights are safe in "
+                              f"{model.store.root}. Free some space, then run: {resume_command()}") from None
         meta = model.store.read_json("meta.json")
         meta["run"]["finished"] = True
         model.store.write_json("meta.json", meta)
@@ -306,7 +336,8 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         print(f"{e}; the work dir is consistent. Resume with:\n  {resume_command()}", file=sys.stderr)
         return 130
     except NonFiniteError as e:
-        print(f"error: {e}. The work dir keeps the last good weights.", file=sys.stderr)
+        print(f"error: {e}. The work dir keeps the last good weights; to start over with other settings, "
+              "add --reset-workdir.", file=sys.stderr)
         return 3
     total = model.store.stats.delta(model.store.stats.snapshot(), io_start)
     took = time.perf_counter() - started
@@ -325,7 +356,7 @@ def save_checkpoint(model: OffloadedModel, a, out: Path, step: int) -> None:
     root = out / "checkpoints"
     path = model.save_llama2(root / f"step-{step:06d}", a.export_shards, a.export_dtype)
     for old in root.glob("step-*"):
-        if old != path and old.is_dir():
+        if old != path and old.is_dir() and foreign_file(old) is None:  # only what an export wrote
             shutil.rmtree(old)
     print(f"checkpoint: {path}")
 

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.max_new_tokens <= 0:
         raise SlowftError(f"--max-new-tokens {a.max_new_tokens}: expected a positive integer")
-    if a.temperature < 0 or not 0 < a.top_p <= 1:
+    if not 0 <= a.temperature < float("inf") or not 0 < a.top_p <= 1:
         raise SlowftError("--temperature must be >= 0 and --top-p in (0, 1]")
 
-    with slowft.load(a.model, workdir=a.workdir, device=a.device, compute_dtype=a.compute_dtype,
+    with slowft.load(a.model, workdir=a.workdir, device=a.device, storage_dtype="auto", compute_dtype=a.compute_dtype,
                      ram_budget=a.ram_budget) as model:
         tokenizer = slowft.Tokenizer(model.store.path("tokenizer.model"))
         print(a.prompt, end="", flush=True)

@@ -72,12 +72,30 @@ def write_bytes_atomic(path: Path, data: bytes) -> int:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Moves a completed folder into place; an older folder of that name is removed afterwards."""
+    """Moves a completed folder into place; an older folder of that name is moved aside first
+    (back again if this fails; ``restore_dir`` after a kill between the two) and removed after."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_dir(final: Path) -> None:
+    """Cleans up after a replace_dir that was killed: an older folder it had moved aside, where
+    nothing took its place, comes back; temp and old folders are removed."""
+    for stale in sorted(final.parent.glob(f".{final.name}.*")):
+        if not stale.is_dir() or not (stale.name.endswith(".tmp") or ".old-" in stale.name):
+            continue
+        if ".old-" in stale.name and not final.exists():
+            os.replace(stale, final)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)

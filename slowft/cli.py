@@ -8,7 +8,11 @@ from .errors import SlowftError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit 2 like every other bad input."""
+    """argparse whose usage errors are one line and exit 2 like every other bad input. No
+    abbreviated flags: --step would silently be --steps, and not count as given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise SlowftError(message)
@@ -34,6 +38,6 @@ def parse_size(text: str) -> int:
         value = float(t[:-1] if scale else t) * (scale or 1e9)
     except ValueError:
         raise SlowftError(f"--ram-budget {text}: expected a size such as 8G, 512M or 0") from None
-    if value < 0:
-        raise SlowftError(f"--ram-budget {text}: expected a size >= 0")
+    if not 0 <= value < float("inf"):
+        raise SlowftError(f"--ram-budget {text}: expected a size such as 8G, 512M or 0")
     return int(value)

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from tqdm import tqdm
 
 from . import faults
-from .atomic import fsync_dir, fsync_file, replace_dir, temp_name
+from .atomic import fsync_dir, fsync_file, replace_dir, restore_dir, temp_name
 from .errors import SlowftError
 from .model import ModelArgs
+from .progress import progress as progress_of
 from .store import FORMAT, Store, empty_packed
 from .tokenizer import Tokenizer
 
@@ -108,6 +110,27 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_params(params: dict) -> None:
+    """Raises ValueError naming the first value of params.json the model could not be built from."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
+        v = params.get(k)
+        if (k in params or k in ("dim", "n_layers", "n_heads")) and not (v is None and k == "n_kv_heads"):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"'{k}' must be a positive integer")
+    for k in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        v = params.get(k)
+        if k in params and not (v is None and k == "ffn_dim_multiplier") and not (number(v) and v > 0):
+            raise ValueError(f"'{k}' must be a positive number")
+    if "vocab_size" in params and (not isinstance(params["vocab_size"], int) or isinstance(params["vocab_size"], bool)):
+        raise ValueError("'vocab_size' must be an integer (-1: the tokenizer's)")
+    dim, heads = params["dim"], params["n_heads"]
+    if dim % heads or heads % (params.get("n_kv_heads") or heads) or dim // heads % 2:
+        raise ValueError("dim must divide into n_heads heads of even size, n_heads into n_kv_heads groups")
+
+
 @dataclass
 class MetaSource:
     """A validated Meta llama2 folder: params.json, consolidated.NN.pth shards, tokenizer.model."""
@@ -135,17 +158,15 @@ class MetaSource:
                     "expected Meta's original format: params.json, consolidated.NN.pth, tokenizer.model"
                 )
             raise SlowftError(f"{params_path}: missing; expected Meta's params.json (dim, n_layers, n_heads, ...)")
+        if not params_path.is_file():
+            raise SlowftError(f"{params_path}: not a file; expected Meta's params.json (dim, n_layers, n_heads, ...)")
         raw = params_path.read_bytes()
         try:
             params = json.loads(raw)
             if not isinstance(params, dict):
                 raise ValueError("not an object")
-            for k in ("dim", "n_layers", "n_heads"):
-                if not isinstance(params.get(k), int) or params[k] <= 0:
-                    raise ValueError(f"'{k}' must be a positive integer")
+            check_params(params)
             args = ModelArgs.from_params(params)
-            if args.dim % args.n_heads or args.n_heads % args.kv_heads or args.head_dim % 2:
-                raise ValueError("dim must divide into n_heads heads of even size, n_heads into n_kv_heads groups")
         except (ValueError, TypeError) as e:
             raise SlowftError(f"{params_path}: malformed ({e}); expected Meta's params.json with dim, n_layers, n_heads") from None
 
@@ -273,10 +294,18 @@ class _IndexUnpickler(pickle.Unpickler):
         return pid[2]  # ('storage', storage_type, key, location, numel)
 
 
-def _record_offsets(path: Path) -> dict[str, int]:
-    """Byte offset in the file where each tensor's data starts."""
-    offsets = {}
+def _records(path: Path) -> dict[str, tuple[int, tuple[int, int]]]:
+    """Where each tensor's data starts in the file, and where its record's CRC-32 is kept (its
+    local header's and its central directory entry's), which the data's writer must fill in."""
+    records = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        central, pos = {}, zf.start_dir
+        raw.seek(pos)
+        while (head := raw.read(46))[:4] == b"PK\x01\x02":
+            name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
+            central[raw.read(name_len).decode()] = pos
+            pos += 46 + name_len + extra_len + comment_len
+            raw.seek(pos)
         pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
         prefix = pkl[: -len("data.pkl")]
         index = _IndexUnpickler(zf.open(pkl)).load()
@@ -287,8 +316,37 @@ def _record_offsets(path: Path) -> dict[str, int]:
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             if elem_offset:
                 raise SlowftError(f"{path}: unexpected storage offset in skeleton")
-            offsets[key] = info.header_offset + 30 + name_len + extra_len
-    return offsets
+            records[key] = (info.header_offset + 30 + name_len + extra_len, (info.header_offset + 14, central[info.filename] + 16))
+    return records
+
+
+def check_split(shapes: dict[str, tuple[int, ...]], key_order: list[str], shards: int, flag: str = "--shards") -> None:
+    """Every sharded tensor must split into ``shards`` equal parts, as Meta's loaders expect."""
+    for key in key_order:
+        dim = split_dim(key)
+        if dim is not None and shapes[key][dim] % shards:
+            raise SlowftError(f"{flag} {shards}: {key} of shape {list(shapes[key])} does not split into {shards} equal parts on dim {dim}")
+
+
+_EXPORT_FILE = re.compile(r"^(params\.json|tokenizer\.model|consolidated\.\d+\.pth|\.DS_Store)$")
+
+
+def foreign_file(folder: Path) -> str | None:
+    """The first entry of ``folder`` that an export does not write (None for an export, or empty)."""
+    return next((p.name for p in sorted(Path(folder).iterdir()) if not _EXPORT_FILE.match(p.name)), None)
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """An export replaces its folder whole: only an earlier export (or an empty folder) may be
+    there, never a folder of the user's, such as a model Meta's way (it holds checklist.chk)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise SlowftError(f"{out_dir}: is a file; expected a folder for the export")
+    other = foreign_file(out_dir)
+    if other:
+        raise SlowftError(f"{out_dir}: holds {other}, which an export does not write; expected no folder there "
+                          "or an earlier export to replace (pass another --out)")
 
 
 def write_meta_checkpoint(
@@ -306,26 +364,24 @@ def write_meta_checkpoint(
     """Writes a Meta-format folder atomically (complete or absent).
 
     ``units`` yields (unit, tensors) with full, unsharded tensors; each shard file is laid out
-    first without data (torch.save under ``skip_data``) and then filled tensor by tensor.
+    first without data (torch.save under ``skip_data``) and then filled tensor by tensor. Trained
+    tensors are written in ``dtype``; ``extras`` (untrained, like rope.freqs) in their own.
     """
     out_dir = Path(out_dir).resolve()
-    for key in key_order:
-        dim = split_dim(key)
-        if dim is not None and shapes[key][dim] % shards:
-            raise SlowftError(f"--shards {shards}: {key} of shape {list(shapes[key])} does not split into {shards} equal parts on dim {dim}")
+    check_split(shapes, key_order, shards)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by an export that was killed
-        if stale.is_dir() and (stale.name.endswith(".tmp") or ".old-" in stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+    restore_dir(out_dir)  # after an export that was killed
+    check_export_dir(out_dir)
     tmp = temp_name(out_dir)
     tmp.mkdir()
     try:
         paths = [tmp / f"consolidated.{k:02d}.pth" for k in range(shards)]
+        dtypes = {key: extras[key].dtype if key in extras else dtype for key in key_order}
         for path in paths:
-            skeleton = OrderedDict((key, torch.empty(shard_shape(key, shapes[key], shards), dtype=dtype)) for key in key_order)
+            skeleton = OrderedDict((key, torch.empty(shard_shape(key, shapes[key], shards), dtype=dtypes[key])) for key in key_order)
             with torch.serialization.skip_data():
                 torch.save(skeleton, path)
-        offsets = [_record_offsets(p) for p in paths]
+        records = [_records(p) for p in paths]
         fds = [os.open(p, os.O_WRONLY) for p in paths]
         try:
             written: set[str] = set()
@@ -335,10 +391,14 @@ def write_meta_checkpoint(
                 dim = split_dim(key)
                 for k, fd in enumerate(fds):
                     piece = full if dim is None else full.narrow(dim, k * (full.shape[dim] // shards), full.shape[dim] // shards)
-                    data = memoryview(piece.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+                    data = memoryview(piece.to(dtypes[key]).contiguous().reshape(-1).view(torch.uint8).numpy())
+                    start, crc_at = records[k][key]
                     pos = 0
                     while pos < len(data):  # chunks: macOS refuses single writes over 2 GB
-                        pos += os.pwrite(fd, data[pos : pos + (1 << 30)], offsets[k][key] + pos)
+                        pos += os.pwrite(fd, data[pos : pos + (1 << 30)], start + pos)
+                    crc = struct.pack("<I", zlib.crc32(data))  # the skeleton's are 0: zip readers that check would fail
+                    for at in crc_at:
+                        os.pwrite(fd, crc, at)
 
             for unit, tensors in units:
                 faults.hit("export_unit")
@@ -406,8 +466,7 @@ def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, prog
     free = store.free_bytes()
     if need > free:
         raise SlowftError(f"{store.root}: import needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; free space or pass another --workdir")
-    with tqdm(total=sum(unit_size.values()), initial=sum(unit_size[u] for u in done), unit="B", unit_scale=True,
-              desc=f"import {src.path.name}", disable=None if progress else True) as bar:
+    with progress_of(sum(unit_size.values()), f"import {src.path.name}", sum(unit_size[u] for u in done), progress) as bar:
         for unit, tensors in src.read_units(storage_dtype, skip=done):
             faults.hit("import_unit")
             store.write_unit(unit, 0, tensors)

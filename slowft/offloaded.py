@@ -6,6 +6,7 @@ weightless ``TransformerBlock`` holds the code; each block's tensors are passed 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm import tqdm
 
 from . import train
 from .errors import SlowftError
-from .loader import DTYPE_NAMES, MetaSource, expected_shapes, import_model, meta_key, write_meta_checkpoint
+from .loader import (DTYPE_NAMES, MetaSource, check_export_dir, expected_shapes, import_model, meta_key,
+                     write_meta_checkpoint)
 from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
 from .offload import IOWorker, SavedInputs, UnitCache
+from .progress import progress as progress_of
 from .store import FORMAT, Store
 
 DEVICES = ("auto", "mps", "cuda", "cpu")
@@ -68,6 +70,17 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def check_export_path(out_dir: Path, source: Path, workdir: Path) -> None:
+    """An export replaces its folder whole: it must neither lie in nor hold the source model or
+    the work dir, and must not replace anything but an earlier export."""
+    for what, path in (("the source model folder", source), ("the work dir", workdir)):
+        if _inside(out_dir, path):
+            raise SlowftError(f"--out {out_dir}: is inside {what} {path}; expected a folder elsewhere")
+        if _inside(path, out_dir):
+            raise SlowftError(f"--out {out_dir}: holds {what} {path}; expected a folder elsewhere")
+    check_export_dir(out_dir)
+
+
 def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = False) -> Store:
     """Opens (creating) the work dir for ``src``; refuses one that belongs to another model or dtype."""
     if storage_dtype not in ("float32", "bfloat16"):
@@ -95,12 +108,22 @@ def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = Fal
 
 def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
          ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True) -> "OffloadedModel":
-    """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after."""
+    """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after.
+    ``storage_dtype`` "auto" keeps the source's dtype where it can (bf16 for Meta's: exact, and
+    half the disk of float32, e.g. to only generate text)."""
     src = MetaSource.open(path)
     dev = pick_device(device)
+    if storage_dtype == "auto":
+        storage_dtype = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
     store = open_workdir(src, workdir, storage_dtype, reset_workdir)
     try:
-        run = (store.read_json("meta.json") or {}).get("run")
+        meta = store.read_json("meta.json") or {}
+        if progress and not meta.get("imported"):
+            size = sum(torch.Size(s).numel() for s in expected_shapes(src.args, with_extras=False).values())
+            size *= DTYPE_NAMES[storage_dtype].itemsize
+            print(f"slowft: importing {src.path} into {store.root} ({size / 1e6:,.0f} MB, {storage_dtype}); "
+                  "reused from then on", file=sys.stderr)
+        run = meta.get("run")
         if run and not run.get("finished"):
             raise SlowftError(
                 f"{store.root}: holds an unfinished training run; finish it with finetune.py --resume, "
@@ -158,6 +181,7 @@ class OffloadedModel:
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_file: str | None = self.sweep["grad"] if self.sweep else None
         self.stop_requested = False  # set from a signal handler; honoured between units
+        self.broken: str | None = None  # why memory no longer matches any state of the work dir
         self.sync_every_s = train.SYNC_EVERY_S
         self.last_sync = time.monotonic()
 
@@ -257,8 +281,15 @@ class OffloadedModel:
 
     # -- training
 
+    def usable(self) -> None:
+        """Refuses to go on from memory that a step left half-updated (the work dir is intact:
+        reopened, it resumes from its last durable state)."""
+        if self.broken:
+            raise SlowftError(f"{self.store.root}: {self.broken}; open it again (slowft.load) to go on from its last durable state")
+
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0) -> float:
         """One fused forward, backward and update of every unit; returns the loss."""
+        self.usable()
         return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed)
 
     def commit(self, sweep: dict | None = None, grad: torch.Tensor | None = None) -> None:
@@ -271,6 +302,7 @@ class OffloadedModel:
 
     def sync(self) -> None:
         """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
+        self.usable()
         if self.cache.dirty:
             self.commit()
         self.io.drain()
@@ -280,6 +312,7 @@ class OffloadedModel:
 
     def units(self):
         """(unit, tensors on the cpu) in the source's file order: the current weights, resident or not."""
+        self.usable()
         order = self.meta["source"]["unit_order"]
         self.cache.plan(order)
         for unit in order:
@@ -298,12 +331,10 @@ class OffloadedModel:
 
     def save_llama2(self, out_dir, shards: int | None = None, dtype: str | None = None, progress: bool = True) -> Path:
         """Writes the current weights in Meta's format (by default the source's shard count and dtype)."""
+        self.usable()
         src = self.meta["source"]
         out_dir = Path(out_dir).expanduser().resolve()
-        if _inside(out_dir, src["path"]):
-            raise SlowftError(f"--out {out_dir}: is inside the source model folder {src['path']}; expected a folder elsewhere")
-        if _inside(out_dir, self.store.root):
-            raise SlowftError(f"--out {out_dir}: is inside the work dir {self.store.root}; expected a folder elsewhere")
+        check_export_path(out_dir, Path(src["path"]), self.store.root)
         shards = shards or src["shards"]
         dtype_name = dtype or src["dtype"]
         if dtype_name not in DTYPE_NAMES:
@@ -317,8 +348,7 @@ class OffloadedModel:
         free = psutil.disk_usage(str(out_dir.parent)).free
         if need > free:
             raise SlowftError(f"--out {out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
-        with tqdm(total=sum(self.unit_bytes.values()), desc="export", unit="B", unit_scale=True,
-                  leave=False, disable=None if progress else True) as bar:
+        with progress_of(sum(self.unit_bytes.values()), "export", enabled=progress, leave=False) as bar:
             write_meta_checkpoint(
                 out_dir, self.units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
                 self.store.path("tokenizer.model"), shards, out_dtype, progress=lambda unit, n: bar.update(n),

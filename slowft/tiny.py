@@ -18,7 +18,7 @@ from .atomic import temp_name
 from .cli import ArgumentParser, run
 from .data import read_text, text_files
 from .errors import SlowftError
-from .loader import BLOCK_PARAMS, DTYPE_NAMES, expected_shapes, unit_of, write_meta_checkpoint
+from .loader import BLOCK_PARAMS, DTYPE_NAMES, check_params, expected_shapes, unit_of, write_meta_checkpoint
 from .model import ModelArgs, Transformer, rope_frequencies
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
@@ -28,6 +28,8 @@ def train_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> int:
     """Trains a llama2-style BPE sentencepiece model; returns its vocab size."""
     lines = [line for f in text_files(corpus) for line in read_text(f).splitlines() if line.strip()]
     buf = io.BytesIO()
+    if vocab_size < 260:  # byte fallback's 256 pieces, the three special ones and one more
+        raise SlowftError(f"--vocab {vocab_size}: expected at least 260 (byte fallback alone takes 259)")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
@@ -55,18 +57,22 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SlowftError(f"{out}: folder exists and is not empty; expected a new folder for the tiny model")
+    params = {"dim": dim, "multiple_of": multiple_of, "n_heads": heads, "n_layers": layers, "norm_eps": 1e-05,
+              "vocab_size": params_vocab or -1}
+    if kv_heads and kv_heads != heads:
+        params["n_kv_heads"] = kv_heads
+    if ffn_mult is not None:
+        params["ffn_dim_multiplier"] = ffn_mult
+    if rope_theta is not None:
+        params["rope_theta"] = rope_theta
+    try:
+        check_params(params)  # a model its own loader would refuse is not written
+    except ValueError as e:
+        raise SlowftError(f"tiny model: {e}; expected a shape llama2 allows") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tok_path = temp_name(out.with_name(out.name + ".tokenizer.model"))
     try:
         n_words = train_tokenizer(corpus or [TEST_DATA], vocab, tok_path)
-        params = {"dim": dim, "multiple_of": multiple_of, "n_heads": heads, "n_layers": layers, "norm_eps": 1e-05,
-                  "vocab_size": params_vocab or -1}
-        if kv_heads and kv_heads != heads:
-            params["n_kv_heads"] = kv_heads
-        if ffn_mult is not None:
-            params["ffn_dim_multiplier"] = ffn_mult
-        if rope_theta is not None:
-            params["rope_theta"] = rope_theta
         if params_vocab and params_vocab < n_words:
             raise SlowftError(f"--vocab {params_vocab}: below the tokenizer's {n_words} tokens")
         args = ModelArgs.from_params(params, vocab_size=n_words)
@@ -82,7 +88,7 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
         keys = meta_key_order(layers)
         order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
         write_meta_checkpoint(out, ((u, units[u]) for u in order), expected_shapes(args), keys,
-                              {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta)},
+                              {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta).to(DTYPE_NAMES[dtype])},
                               json.dumps(params).encode(), tok_path, shards, DTYPE_NAMES[dtype])
     finally:
         tok_path.unlink(missing_ok=True)

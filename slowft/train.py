@@ -175,6 +175,7 @@ class _Update:
         if self.bad and torch.stack(self.bad).any():
             self.model.cache.release(self.unit)
             self.model.cache.drop(self.unit)
+            self.model.broken = f"step {self.t} stopped part-way at a non-finite gradient in {self.unit}"
             raise NonFiniteError(f"non-finite gradient in {self.unit} at step {self.t}; stopped before writing it. Try a lower --lr")
         self.model.cache.release(self.unit, updated=True)
 
@@ -233,7 +234,8 @@ def backward_head(model, h: torch.Tensor, targets: torch.Tensor, optimizer, t: i
         del logits, grad
     if not torch.isfinite(loss):
         model.cache.release("head")
-        raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. Try a lower --lr")
+        advice = "The weights are still the source's: check the model (or --compute-dtype)" if t == 1 else "Try a lower --lr"
+        raise NonFiniteError(f"loss is {loss.item()} at step {t}; nothing was updated. {advice}")
 
     u.apply("output.weight", _weight_rows(list(zip(kept_grads, kept_normed))) if keep else dW)
     u.apply("norm.weight", dnw)

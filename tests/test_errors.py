@@ -45,13 +45,24 @@ def train_args(model, tmp_path, *more):
     return [model, "--out", tmp_path / "out", "--workdir", tmp_path / "w", "--steps", 1, *more]
 
 
-def test_missing_or_malformed_params(broken, tmp_path, fails):
+def test_missing_or_malformed_params(good, broken, tmp_path, fails):
     (broken / "params.json").write_text("{not json")
     assert "params.json: malformed" in fails(finetune.main, *train_args(broken, tmp_path), source=broken)
     (broken / "params.json").write_text(json.dumps({"n_layers": 2, "n_heads": 4}))
     assert "'dim' must be a positive integer" in fails(finetune.main, *train_args(broken, tmp_path), source=broken)
+    good_params = json.loads((good / "params.json").read_text())
+    for key, value, message in [("norm_eps", None, "'norm_eps' must be a positive number"),
+                                ("norm_eps", -1e-5, "'norm_eps' must be a positive number"),
+                                ("rope_theta", "1e4", "'rope_theta' must be a positive number"),
+                                ("multiple_of", 0, "'multiple_of' must be a positive integer"),
+                                ("ffn_dim_multiplier", "big", "'ffn_dim_multiplier' must be a positive number"),
+                                ("max_seq_len", "x", "'max_seq_len' must be a positive integer")]:
+        (broken / "params.json").write_text(json.dumps({**good_params, key: value}))
+        assert message in fails(finetune.main, *train_args(broken, tmp_path), source=broken)
     (broken / "params.json").unlink()
     assert "params.json: missing" in fails(finetune.main, *train_args(broken, tmp_path), source=broken)
+    (broken / "params.json").mkdir()
+    assert "params.json: not a file" in fails(finetune.main, *train_args(broken, tmp_path), source=broken)
     assert not (tmp_path / "w").exists()  # nothing was started
 
 
@@ -118,6 +129,13 @@ def test_bad_data_files(good, tmp_path, fails):
     (["--steps", 0], "--steps 0: expected a positive integer"),
     (["--batch-size", -2], "--batch-size -2: expected a positive integer"),
     (["--lr", 0], "--lr 0.0: expected a positive number"),
+    (["--lr", "inf"], "--lr inf: expected a positive number"),
+    (["--optimizer", "sgd", "--weight-decay", "inf"], "--weight-decay inf: expected a number >= 0"),
+    (["--ram-budget", "inf"], "--ram-budget inf: expected a size"),
+    (["--step", 5], "unrecognized arguments: --step"),
+    (["--resume", "--reset-workdir"], "--resume --reset-workdir: one continues the unfinished run"),
+    (["--demo"], "--demo: trains a tiny model it makes itself; expected no model folder"),
+    (["--export-shards", 3], "--export-shards 3: tok_embeddings.weight of shape [512, 64] does not split into 3"),
     (["--dropout", 1.5], "--dropout 1.5: expected a number in [0, 1)"),
     (["--optimizer", "adam"], "argument --optimizer: invalid choice"),
     (["--ram-budget", "lots"], "--ram-budget lots: expected a size"),
@@ -145,7 +163,15 @@ def test_output_and_workdir_places(broken, good, tmp_path, fails):
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     assert "not a slowft work dir" in fails(finetune.main, broken, "--out", tmp_path / "o", "--workdir", mine, source=broken)
+    # the export replaces <out>/model whole, and old checkpoints are deleted: never the source's or the user's
+    assert "holds the source model folder" in fails(finetune.main, broken, "--out", tmp_path, source=broken)
+    (tmp_path / "o" / "model").mkdir(parents=True)
+    (tmp_path / "o" / "model" / "thesis.tex").write_text("precious")
+    assert "holds thesis.tex, which an export does not write" in fails(
+        finetune.main, broken, "--out", tmp_path / "o", "--workdir", tmp_path / "w2", source=broken)
+    assert "holds the work dir" in fails(finetune.main, broken, "--out", tmp_path / "o2", "--workdir", tmp_path / "o2" / "model" / "w", source=broken)
     assert (mine / "thesis.tex").read_text() == "precious" and len(list(mine.iterdir())) == 1
+    assert (tmp_path / "o" / "model" / "thesis.tex").read_text() == "precious"
 
 
 def test_workdir_of_another_model_and_resume_without_run(good, tiny, tmp_path, fails):
@@ -178,3 +204,19 @@ def test_a_real_process_prints_no_traceback(broken):
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
         assert "consolidated.00.pth: unreadable or truncated shard" in r.stderr
     assert tree_hash(broken) == before
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(heads=3), "dim must divide into n_heads heads"),
+    (dict(kv_heads=3), "n_heads into n_kv_heads groups"),
+    (dict(layers=0), "'n_layers' must be a positive integer"),
+    (dict(ffn_mult=-1.0), "'ffn_dim_multiplier' must be a positive number"),
+    (dict(vocab=10), "--vocab 10: expected at least 260"),
+])
+def test_tiny_models_only_in_shapes_the_loader_takes(tmp_path, kw, message):
+    from slowft.errors import SlowftError
+    from slowft.tiny import make_tiny
+
+    with pytest.raises(SlowftError, match=message):
+        make_tiny(tmp_path / "m", **kw)
+    assert not list(tmp_path.iterdir())  # nothing written

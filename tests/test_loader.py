@@ -1,6 +1,9 @@
 """Meta format: resharding in and out, bit-identical round trip, import memory, CodeLlama params."""
 import json
+import os
 import textwrap
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import slowft
 from conftest import PEAK_RSS, run_script, tree_hash
 from reference import load_meta
+from slowft.atomic import restore_dir
 
 
 def bits(folder):
@@ -31,6 +35,8 @@ def test_import_reshards_into_full_tensors(tiny, tmp_path, shards):
             assert v.dtype == torch.float32 and torch.equal(v, want[k]), k
         model.save_llama2(tmp_path / "out", progress=False)
     assert bits(tmp_path / "out") == bits(src)  # same shards, dtype, keys, order, bits
+    # every zip record's CRC-32 right, as readers that check it (llama.cpp's convert) need
+    assert all(zipfile.ZipFile(p).testzip() is None for p in (tmp_path / "out").glob("consolidated.*.pth"))
     assert json.loads((tmp_path / "out" / "params.json").read_text()) == json.loads((src / "params.json").read_text())
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     assert tree_hash(src) == before
@@ -65,6 +71,59 @@ def test_reimport_is_reused_and_export_round_trips_through_load(tiny, tmp_path):
         got = dict(model.named_tensors())
     want = load_meta(src)
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_untrained_extras_keep_their_own_dtype(tiny, tmp_path):
+    """A source whose rope.freqs is fp32 beside bf16 weights gets it back in fp32, bit for bit."""
+    src = tiny(dim=64, layers=2, heads=4, shards=2)
+    for p in src.glob("consolidated.*.pth"):
+        sd = torch.load(p, weights_only=True)
+        sd["rope.freqs"] = sd["rope.freqs"].float() / 3  # bits bf16 could not hold
+        torch.save(sd, p)
+    with slowft.load(src, workdir=tmp_path / "w", device="cpu", progress=False) as model:
+        model.save_llama2(tmp_path / "out", progress=False)
+        model.save_llama2(tmp_path / "f32", dtype="float32", progress=False)
+    assert bits(tmp_path / "out") == bits(src)
+    got = torch.load(tmp_path / "f32" / "consolidated.00.pth", weights_only=True)
+    assert got["rope.freqs"].dtype == torch.float32 and got["norm.weight"].dtype == torch.float32
+
+
+def test_export_replaces_only_an_earlier_export(tiny, tmp_path, monkeypatch):
+    """An export replaces its folder whole: never a folder of the user's, nor one that holds the
+    source or the work dir; an earlier export is replaced, and comes back if the swap fails."""
+    src = tiny(dim=64, layers=2, heads=4, shards=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with slowft.load(src, workdir=tmp_path / "w", device="cpu", progress=False) as model:
+        with pytest.raises(slowft.SlowftError, match="holds notes.txt, which an export does not write"):
+            model.save_llama2(mine, progress=False)
+        with pytest.raises(slowft.SlowftError, match="holds the source model folder"):
+            model.save_llama2(src.parent, progress=False)
+        with pytest.raises(slowft.SlowftError, match="holds the work dir"):
+            model.save_llama2(tmp_path, progress=False)
+        model.save_llama2(tmp_path / "out", progress=False)
+        first = tree_hash(tmp_path / "out")
+        real_replace = os.replace
+
+        def interrupted(a, b):  # Ctrl-C as the new export is moved into place
+            if Path(a).name.endswith(".tmp"):
+                raise KeyboardInterrupt
+            real_replace(a, b)
+
+        monkeypatch.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model.save_llama2(tmp_path / "out", progress=False)
+        monkeypatch.undo()
+        assert tree_hash(tmp_path / "out") == first
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "w"]  # no temp or old folder left
+        # killed between the two renames: the next export brings the earlier one back, then replaces it
+        os.replace(tmp_path / "out", tmp_path / ".out.old-1234abcd")
+        restore_dir(tmp_path / "out")
+        assert tree_hash(tmp_path / "out") == first
+        model.save_llama2(tmp_path / "out", progress=False)
+    assert (mine / "notes.txt").read_text() == "precious" and len(list(mine.iterdir())) == 1
+    assert bits(tmp_path / "out") == bits(src)
 
 
 def test_codellama_style_params(tiny, tmp_path):

@@ -115,6 +115,51 @@ def test_nan_loss_stops_before_any_write(src, tmp_path):
         assert all(torch.isfinite(t).all() for t in tensors.values()), unit
 
 
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("ram_budget", [0, 10**9], ids=["streaming", "resident"])
+def test_a_step_stopped_by_a_non_finite_gradient_leaves_the_work_dir_to_reopen(src, tmp_path, ram_budget):
+    """Python API: units above the bad one are updated in memory, the bad one is dropped (with
+    any updates it held in RAM): the model refuses to go on or sync from that, and the work dir,
+    reopened, is its last durable state."""
+    import slowft
+    from slowft.offloaded import OffloadedModel
+    from slowft.store import Store
+
+    slowft.load(src, workdir=tmp_path / "w", device="cpu", progress=False).close()
+    model = OffloadedModel(Store(tmp_path / "w"), torch.device("cpu"), ram_budget=ram_budget)
+    block_fn, recomputes = model.block_fn, []
+
+    def poisoned(w, x, *args, **kwargs):  # the bottom block's gradient at step 2 is NaN
+        out = block_fn(w, x, *args, **kwargs)
+        if torch.is_grad_enabled() and model.step_count == 1:
+            recomputes.append(1)
+            if len(recomputes) == model.args.n_layers:
+                return _NaNGradient.apply(out)
+        return out
+
+    model.block_fn = poisoned
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    model.step(tokens, tokens, slowft.SGD(lr=0.1))
+    with pytest.raises(slowft.NonFiniteError, match="non-finite gradient in layers.0"):
+        model.step(tokens, tokens, slowft.SGD(lr=0.1))
+    for go_on in (lambda: model.step(tokens, tokens, slowft.SGD(lr=0.1)), model.sync, lambda: dict(model.named_tensors())):
+        with pytest.raises(slowft.SlowftError, match="stopped part-way .* open it again"):
+            go_on()
+    model.close()
+    with OffloadedModel(Store(tmp_path / "w"), torch.device("cpu"), ram_budget=ram_budget) as again:
+        assert again.step_count == (1 if ram_budget == 0 else 0)  # resident: the last sync was the import
+        again.step(tokens, tokens, slowft.SGD(lr=0.1))
+
+
 def test_stop_between_forward_and_backward_leaves_the_model_usable(src, tmp_path):
     """Python API: a stop requested while the top block's forward keeps its graph, honoured before
     any update, hands that block back to the cache; the step then reruns to the same weights."""
