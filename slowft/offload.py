@@ -396,7 +396,7 @@ class UnitCache:
                 d.result()
             self.store.write_journal({**journal, "versions": versions})
             for u, v in superseded.items():  # only now that the journal no longer names them
-                self.io.tidy(self.store.retire_unit, u, v)
+                self.io.tidy(self.store.retire_unit, u, v, versions[u])
             if old_grad:
                 self.io.tidy(self.store.retire_scratch, old_grad)
 

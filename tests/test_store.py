@@ -90,6 +90,14 @@ def test_a_retired_file_is_overwritten_in_place_by_the_next_write_of_its_size(tm
     store.write_scratch("grad.s1", x, "grads")  # the retired input's size: its file
     assert _spares(store) == [] and torch.equal(store.read_scratch("grad.s1", "grads"), x)
 
+    # a unit kept in RAM is written at syncs only: the journal goes from version 2 to 12
+    store.write_unit("layers.0", 12, {"w": torch.randn(64, 64)})
+    store.retire_unit("layers.0", 2, 12)
+    assert len(_spares(store)) == 1
+    # a file that grew (an optimizer's state added) leaves none of the old size behind
+    store.write_unit("layers.0", 13, {"w": torch.randn(64, 64), "optim.c": torch.zeros(4096)})
+    store.retire_unit("layers.0", 12)
+    assert len(_spares(store)) == 1 and not store.unit_path("layers.0", 12).exists()
     store.retire_unit("layers.0", 1)
     store.close()  # spares go with the process that kept them
     assert _spares(store) == []
