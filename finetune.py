@@ -27,7 +27,7 @@ from slowft.data import TokenData
 from slowft.errors import Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
 from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model
-from slowft.offloaded import OffloadedModel, cache_root, check_export_path, open_workdir, pick_device
+from slowft.offloaded import OffloadedModel, cache_root, check_export_path, default_workdir, open_workdir, pick_device
 from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     out = (a.out or Path("out") / src.path.name).expanduser().resolve()
     if out == src.path or src.path in out.parents:
         raise SlowftError(f"--out {out}: is inside the source model folder {src.path}; expected a folder elsewhere")
-    if out in src.path.parents:  # its model/ is replaced and old checkpoints/ deleted
-        raise SlowftError(f"--out {out}: holds the source model folder {src.path}; expected a folder elsewhere")
+    if out / "checkpoints" in src.path.parents:  # old checkpoints are deleted
+        raise SlowftError(f"--out {out}: holds the source model folder {src.path} among its checkpoints; expected a folder elsewhere")
+    check_export_path(out / "model", src.path, Path(a.workdir).expanduser().resolve() if a.workdir
+                      else default_workdir(src, a.storage_dtype))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -194,7 +196,6 @@ def main(argv=None) -> int:
     store = open_workdir(src, a.workdir, a.storage_dtype, a.reset_workdir)
     model = None
     try:
-        check_export_path(out / "model", src.path, store.root)
         meta = store.read_json("meta.json") or {}
         previous = meta.get("run")
         if previous and not previous.get("finished"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -91,11 +92,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def restore_dir(final: Path) -> None:
     """Cleans up after a replace_dir that was killed: an older folder it had moved aside, where
-    nothing took its place, comes back; temp and old folders are removed."""
-    for stale in sorted(final.parent.glob(f".{final.name}.*")):
-        if not stale.is_dir() or not (stale.name.endswith(".tmp") or ".old-" in stale.name):
+    nothing took its place, comes back; its temp and old folders (only its: ``.x.old-*`` is not
+    ``x.v2``'s) are removed."""
+    ours = re.compile(rf"\.{re.escape(final.name)}\.(?:(?P<old>old-)[0-9a-f]{{8}}|[0-9a-f]{{8}}\.tmp)")
+    for stale in sorted(final.parent.iterdir()) if final.parent.is_dir() else []:
+        m = ours.fullmatch(stale.name)
+        if not m or not stale.is_dir():
             continue
-        if ".old-" in stale.name and not final.exists():
+        if m["old"] and not final.exists():
             os.replace(stale, final)
         else:
             shutil.rmtree(stale, ignore_errors=True)

@@ -294,9 +294,10 @@ class _IndexUnpickler(pickle.Unpickler):
         return pid[2]  # ('storage', storage_type, key, location, numel)
 
 
-def _records(path: Path) -> dict[str, tuple[int, tuple[int, int]]]:
+def _records(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
     """Where each tensor's data starts in the file, and where its record's CRC-32 is kept (its
-    local header's and its central directory entry's), which the data's writer must fill in."""
+    local header, its data descriptor after the data, its central directory entry), which the
+    data's writer must fill in."""
     records = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
         central, pos = {}, zf.start_dir
@@ -316,7 +317,12 @@ def _records(path: Path) -> dict[str, tuple[int, tuple[int, int]]]:
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             if elem_offset:
                 raise SlowftError(f"{path}: unexpected storage offset in skeleton")
-            records[key] = (info.header_offset + 30 + name_len + extra_len, (info.header_offset + 14, central[info.filename] + 16))
+            start = info.header_offset + 30 + name_len + extra_len
+            crc_at = [info.header_offset + 14, central[info.filename] + 16]
+            if info.flag_bits & 0x08:  # a data descriptor follows the data (torch.save writes one)
+                raw.seek(start + info.compress_size)
+                crc_at.append(start + info.compress_size + (4 if raw.read(4) == b"PK\x07\x08" else 0))
+            records[key] = (start, tuple(crc_at))
     return records
 
 

@@ -109,12 +109,16 @@ def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = Fal
 def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
          ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True) -> "OffloadedModel":
     """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after.
-    ``storage_dtype`` "auto" keeps the source's dtype where it can (bf16 for Meta's: exact, and
+    ``storage_dtype`` "auto": that of an import of this source already there (``workdir``, or
+    the cache's), else the source's own where the store keeps it (bf16 for Meta's: exact, and
     half the disk of float32, e.g. to only generate text)."""
     src = MetaSource.open(path)
     dev = pick_device(device)
     if storage_dtype == "auto":
-        storage_dtype = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
+        native = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
+        places = [workdir] if workdir else [default_workdir(src, d) for d in (native, "float32", "bfloat16")]
+        found = [Store.storage_dtype_of(p) for p in places]
+        storage_dtype = next((f[1] for f in found if f and f[0] == src.fingerprint()), native)
     store = open_workdir(src, workdir, storage_dtype, reset_workdir)
     try:
         meta = store.read_json("meta.json") or {}
@@ -263,6 +267,7 @@ class OffloadedModel:
     @torch.no_grad()
     def forward_cached(self, tokens: torch.Tensor, start_pos: int = 0, kv: list[KVCache] | None = None) -> torch.Tensor:
         """Logits [B, T, V] (float32, on the device); with ``kv`` it extends those caches."""
+        self.usable()
         tokens = tokens.to(self.device)
         self.cache.plan(self.forward_order())
         rope = self.rope(tokens.shape[1], start_pos)

@@ -218,6 +218,17 @@ class Store:
         self._spares_lock = threading.Lock()
         self._open()
 
+    @staticmethod
+    def storage_dtype_of(root: Path) -> tuple[str, str] | None:
+        """(source fingerprint, storage dtype) of the import in an existing work dir, read
+        without opening it (no lock, nothing created); None where there is none."""
+        root = Path(root).expanduser()
+        try:
+            meta = json.loads((root / "meta.json").read_text()) if (root / MARKER).exists() else None
+            return (meta["source"]["fingerprint"], meta["storage_dtype"]) if meta else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     # -- opening, locking, resetting
 
     def _open(self) -> None:

@@ -164,7 +164,10 @@ def test_output_and_workdir_places(broken, good, tmp_path, fails):
     (mine / "thesis.tex").write_text("precious")
     assert "not a slowft work dir" in fails(finetune.main, broken, "--out", tmp_path / "o", "--workdir", mine, source=broken)
     # the export replaces <out>/model whole, and old checkpoints are deleted: never the source's or the user's
-    assert "holds the source model folder" in fails(finetune.main, broken, "--out", tmp_path, source=broken)
+    assert "the source model folder" in fails(finetune.main, broken, "--out", tmp_path, source=broken)  # <out>/model
+    kept = tmp_path / "run" / "checkpoints" / "step-000010"  # fine-tuning further from a checkpoint
+    shutil.copytree(broken, kept)
+    assert "among its checkpoints" in fails(finetune.main, kept, "--out", tmp_path / "run", source=kept)
     (tmp_path / "o" / "model").mkdir(parents=True)
     (tmp_path / "o" / "model" / "thesis.tex").write_text("precious")
     assert "holds thesis.tex, which an export does not write" in fails(

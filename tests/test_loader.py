@@ -1,6 +1,7 @@
 """Meta format: resharding in and out, bit-identical round trip, import memory, CodeLlama params."""
 import json
 import os
+import struct
 import textwrap
 import zipfile
 from pathlib import Path
@@ -23,6 +24,24 @@ def bits(folder):
     return out
 
 
+def crcs_agree(path) -> bool:
+    """Every record's data matches its CRC-32, and its data descriptor (Python's zipfile reads
+    no descriptor; Go's archive/zip compares it) holds the same CRC."""
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        if zf.testzip() is not None:
+            return False
+        for info in zf.infolist():
+            if info.flag_bits & 0x08:
+                raw.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                raw.seek(info.header_offset + 30 + name_len + extra_len + info.compress_size)
+                descriptor = raw.read(8)
+                crc = descriptor[4:8] if descriptor[:4] == b"PK\x07\x08" else descriptor[:4]
+                if struct.unpack("<I", crc)[0] != info.CRC:
+                    return False
+    return True
+
+
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_import_reshards_into_full_tensors(tiny, tmp_path, shards):
     src = tiny(dim=64, layers=2, heads=4, kv_heads=2, shards=shards)
@@ -35,8 +54,8 @@ def test_import_reshards_into_full_tensors(tiny, tmp_path, shards):
             assert v.dtype == torch.float32 and torch.equal(v, want[k]), k
         model.save_llama2(tmp_path / "out", progress=False)
     assert bits(tmp_path / "out") == bits(src)  # same shards, dtype, keys, order, bits
-    # every zip record's CRC-32 right, as readers that check it (llama.cpp's convert) need
-    assert all(zipfile.ZipFile(p).testzip() is None for p in (tmp_path / "out").glob("consolidated.*.pth"))
+    # every zip record's CRC-32 right, as readers that check it (llama.cpp's convert, Go's archive/zip) need
+    assert all(crcs_agree(p) for p in (tmp_path / "out").glob("consolidated.*.pth"))
     assert json.loads((tmp_path / "out" / "params.json").read_text()) == json.loads((src / "params.json").read_text())
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     assert tree_hash(src) == before
@@ -119,8 +138,10 @@ def test_export_replaces_only_an_earlier_export(tiny, tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out", "w"]  # no temp or old folder left
         # killed between the two renames: the next export brings the earlier one back, then replaces it
         os.replace(tmp_path / "out", tmp_path / ".out.old-1234abcd")
+        (tmp_path / ".out.v2.old-89abcdef").mkdir()  # another export's (out.v2) backup: not ours to touch
         restore_dir(tmp_path / "out")
-        assert tree_hash(tmp_path / "out") == first
+        assert tree_hash(tmp_path / "out") == first and (tmp_path / ".out.v2.old-89abcdef").is_dir()
+        (tmp_path / ".out.v2.old-89abcdef").rmdir()
         model.save_llama2(tmp_path / "out", progress=False)
     assert (mine / "notes.txt").read_text() == "precious" and len(list(mine.iterdir())) == 1
     assert bits(tmp_path / "out") == bits(src)

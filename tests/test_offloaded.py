@@ -45,3 +45,14 @@ def test_generate_text_and_sampling(gqa_model, tmp_path):
         a = slowft.generate(model, tok, "The baker", 8, temperature=1.0, top_p=0.9, seed=5)
         assert a == slowft.generate(model, tok, "The baker", 8, temperature=1.0, top_p=0.9, seed=5)
         assert isinstance(greedy, str) and greedy
+
+
+def test_auto_storage_dtype_reuses_an_import_and_else_keeps_the_sources(gqa_model, tmp_path):
+    """test_gen.py's choice: a work dir that holds this source already (finetune.py's, float32)
+    is used as it is; a new import keeps the source's bf16 (exact, half the disk)."""
+    slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", progress=False).close()
+    with slowft.load(gqa_model, workdir=tmp_path / "w", storage_dtype="auto", device="cpu", progress=False) as model:
+        assert model.meta["storage_dtype"] == "float32"
+    with slowft.load(gqa_model, workdir=tmp_path / "new", storage_dtype="auto", device="cpu", progress=False) as model:
+        assert model.meta["storage_dtype"] == "bfloat16"
+        assert all(t.dtype == torch.bfloat16 for _, t in model.named_tensors())

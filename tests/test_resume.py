@@ -151,7 +151,8 @@ def test_a_step_stopped_by_a_non_finite_gradient_leaves_the_work_dir_to_reopen(s
     model.step(tokens, tokens, slowft.SGD(lr=0.1))
     with pytest.raises(slowft.NonFiniteError, match="non-finite gradient in layers.0"):
         model.step(tokens, tokens, slowft.SGD(lr=0.1))
-    for go_on in (lambda: model.step(tokens, tokens, slowft.SGD(lr=0.1)), model.sync, lambda: dict(model.named_tensors())):
+    for go_on in (lambda: model.step(tokens, tokens, slowft.SGD(lr=0.1)), model.sync, lambda: dict(model.named_tensors()),
+                  lambda: model.logits(tokens)):
         with pytest.raises(slowft.SlowftError, match="stopped part-way .* open it again"):
             go_on()
     model.close()
