@@ -27,7 +27,7 @@ from slowft.data import TokenData
 from slowft.errors import Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
 from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model
-from slowft.offloaded import OffloadedModel, cache_root, check_export_path, default_workdir, open_workdir, pick_device
+from slowft.offloaded import OffloadedModel, cache_root, check_export_path, open_workdir, pick_device, workdir_path
 from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
@@ -180,8 +180,7 @@ def main(argv=None) -> int:
         raise SlowftError(f"--out {out}: is inside the source model folder {src.path}; expected a folder elsewhere")
     if out / "checkpoints" in src.path.parents:  # old checkpoints are deleted
         raise SlowftError(f"--out {out}: holds the source model folder {src.path} among its checkpoints; expected a folder elsewhere")
-    check_export_path(out / "model", src.path, Path(a.workdir).expanduser().resolve() if a.workdir
-                      else default_workdir(src, a.storage_dtype))
+    check_export_path(out / "model", src.path, workdir_path(src, a.workdir, a.storage_dtype))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

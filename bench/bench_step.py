@@ -178,7 +178,7 @@ def worker_io(a) -> None:
                 current[args[0]] += 1
                 store.write_unit(args[0], current[args[0]], units[args[0]])
             elif name == "retire_unit" and superseded.get(args[0]):  # after the commit: the old version goes
-                tidy.submit(store.retire_unit, args[0], superseded[args[0]].pop(0))
+                tidy.submit(store.retire_unit, args[0], superseded[args[0]].pop(0), current[args[0]])
             elif name == "write_scratch":
                 x = scratch.setdefault(tuple(args[1]), torch.zeros(args[1]))
                 store.write_scratch(args[0], x, args[2])
@@ -190,7 +190,7 @@ def worker_io(a) -> None:
                 store.write_json("journal-bench.json", {"versions": current})
         for unit, versions in superseded.items():  # deletions the recorded step left to the next
             for v in versions:
-                tidy.submit(store.retire_unit, unit, v)
+                tidy.submit(store.retire_unit, unit, v, current[unit])
 
     serve({}, step, dict)
 

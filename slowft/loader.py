@@ -86,6 +86,11 @@ def expected_shapes(args: ModelArgs, with_extras: bool = True) -> dict[str, tupl
     return shapes
 
 
+def n_params(args: ModelArgs) -> int:
+    """The trained parameters' count (rope.freqs aside)."""
+    return sum(torch.Size(s).numel() for s in expected_shapes(args, with_extras=False).values())
+
+
 def shard_shape(key: str, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     dim = split_dim(key)
     if dim is None:

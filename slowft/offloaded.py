@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from . import train
 from .errors import SlowftError
-from .loader import (DTYPE_NAMES, MetaSource, check_export_dir, expected_shapes, import_model, meta_key,
+from .loader import (DTYPE_NAMES, MetaSource, check_export_dir, expected_shapes, import_model, meta_key, n_params,
                      write_meta_checkpoint)
 from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
 from .offload import IOWorker, SavedInputs, UnitCache
@@ -61,8 +61,9 @@ def default_ram_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
-def default_workdir(src: MetaSource, storage_dtype: str) -> Path:
-    return cache_root() / f"{src.path.name}-{src.fingerprint()}-{storage_dtype}"
+def workdir_path(src: MetaSource, workdir, storage_dtype: str) -> Path:
+    """``--workdir`` as given, else the cache's folder for this source and storage dtype."""
+    return Path(workdir).expanduser() if workdir else cache_root() / f"{src.path.name}-{src.fingerprint()}-{storage_dtype}"
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -85,7 +86,7 @@ def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = Fal
     """Opens (creating) the work dir for ``src``; refuses one that belongs to another model or dtype."""
     if storage_dtype not in ("float32", "bfloat16"):
         raise SlowftError(f"--storage-dtype {storage_dtype}: expected float32 or bfloat16")
-    root = Path(workdir).expanduser() if workdir else default_workdir(src, storage_dtype)
+    root = workdir_path(src, workdir, storage_dtype)
     if _inside(root, src.path):
         raise SlowftError(f"--workdir {root}: is inside the source model folder {src.path}; expected a folder elsewhere")
     store = Store(root)
@@ -116,15 +117,13 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
     dev = pick_device(device)
     if storage_dtype == "auto":
         native = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
-        places = [workdir] if workdir else [default_workdir(src, d) for d in (native, "float32", "bfloat16")]
-        found = [Store.storage_dtype_of(p) for p in places]
+        found = [Store.storage_dtype_of(workdir_path(src, workdir, d)) for d in (native, "float32", "bfloat16")]
         storage_dtype = next((f[1] for f in found if f and f[0] == src.fingerprint()), native)
     store = open_workdir(src, workdir, storage_dtype, reset_workdir)
     try:
         meta = store.read_json("meta.json") or {}
         if progress and not meta.get("imported"):
-            size = sum(torch.Size(s).numel() for s in expected_shapes(src.args, with_extras=False).values())
-            size *= DTYPE_NAMES[storage_dtype].itemsize
+            size = n_params(src.args) * DTYPE_NAMES[storage_dtype].itemsize
             print(f"slowft: importing {src.path} into {store.root} ({size / 1e6:,.0f} MB, {storage_dtype}); "
                   "reused from then on", file=sys.stderr)
         run = meta.get("run")
@@ -202,7 +201,7 @@ class OffloadedModel:
         return ["head", *reversed(self.layer_units), "tok_embeddings"]
 
     def n_params(self) -> int:
-        return sum(torch.Size(s).numel() for s in expected_shapes(self.args, with_extras=False).values())
+        return n_params(self.args)
 
     def configure_memory(self, x_bytes: int) -> None:
         """Splits the RAM budget: all units if they fit (no unit I/O at all), then saved inputs;

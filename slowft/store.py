@@ -222,7 +222,6 @@ class Store:
     def storage_dtype_of(root: Path) -> tuple[str, str] | None:
         """(source fingerprint, storage dtype) of the import in an existing work dir, read
         without opening it (no lock, nothing created); None where there is none."""
-        root = Path(root).expanduser()
         try:
             meta = json.loads((root / "meta.json").read_text()) if (root / MARKER).exists() else None
             return (meta["source"]["fingerprint"], meta["storage_dtype"]) if meta else None
@@ -339,14 +338,14 @@ class Store:
         self.stats.add("written", "optim", optim, 0.0)
         return n
 
-    def retire_unit(self, unit: str, version: int, current: int | None = None) -> None:
-        """A superseded version, once the journal names a newer one (``current``, by default the
-        next). Kept as a spare only where that one has its size: a unit's file grows once, as the
-        optimizer adds its state at its first update, and spares of the old size would never be
-        taken (the model's size on disk)."""
+    def retire_unit(self, unit: str, version: int, current: int) -> None:
+        """A superseded version, once the journal names a newer one, ``current``. Kept as a spare
+        only where that one has its size: a unit's file grows once, as the optimizer adds its
+        state at its first update, and spares of the old size would never be taken (the model's
+        size on disk)."""
         path = self.unit_path(unit, version)
         try:
-            same = path.stat().st_size == self.unit_path(unit, version + 1 if current is None else current).stat().st_size
+            same = path.stat().st_size == self.unit_path(unit, current).stat().st_size
         except FileNotFoundError:
             same = False
         if same:

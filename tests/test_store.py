@@ -76,7 +76,7 @@ def test_a_retired_file_is_overwritten_in_place_by_the_next_write_of_its_size(tm
         store.write_unit("layers.0", v, {"w": torch.randn(64, 64)})
     store.write_scratch("input.0", torch.randn(8, 64), "inputs")
     old = store.unit_path("layers.0", 0).stat().st_ino
-    store.retire_unit("layers.0", 0)
+    store.retire_unit("layers.0", 0, 1)
     store.retire_scratch("input.0")
     assert not store.unit_path("layers.0", 0).exists() and len(_spares(store)) == 2
 
@@ -96,9 +96,9 @@ def test_a_retired_file_is_overwritten_in_place_by_the_next_write_of_its_size(tm
     assert len(_spares(store)) == 1
     # a file that grew (an optimizer's state added) leaves none of the old size behind
     store.write_unit("layers.0", 13, {"w": torch.randn(64, 64), "optim.c": torch.zeros(4096)})
-    store.retire_unit("layers.0", 12)
+    store.retire_unit("layers.0", 12, 13)
     assert len(_spares(store)) == 1 and not store.unit_path("layers.0", 12).exists()
-    store.retire_unit("layers.0", 1)
+    store.retire_unit("layers.0", 1, 13)
     store.close()  # spares go with the process that kept them
     assert _spares(store) == []
 
@@ -109,7 +109,7 @@ def test_spares_of_one_size_are_bounded_and_a_crash_leaves_none(tmp_path, monkey
     for v in range(4):
         store.write_unit("layers.0", v, {"w": torch.randn(16, 16)})
     for v in range(4):
-        store.retire_unit("layers.0", v)
+        store.retire_unit("layers.0", v, v + 1)
     assert len(_spares(store)) == 2 and not list((store.root / "units").iterdir())
     store._spares.clear()  # as after a crash: the files stay behind
     store.close()
