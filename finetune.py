@@ -122,7 +122,7 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
             setattr(a, flag[2:].replace("-", "_"), value)
     if "--warmup-steps" not in given:  # the demo's own choices give way to a shorter run or a lower --lr
         a.warmup_steps = min(a.warmup_steps, a.steps)
-    if "--min-lr" not in given and a.lr is not None:
+    if "--min-lr" not in given:
         a.min_lr = min(a.min_lr, a.lr)
 
 
@@ -322,13 +322,7 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         model.sync()
         if a.prompt:
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
-        try:
-            final = model.save_llama2(out / "model", a.export_shards, a.export_dtype)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise SlowftError(f"--out {out / 'model'}: disk full while exporting; the trained weights are safe in "
-                              f"{model.store.root}. Free some space, then run: {resume_command()}") from None
+        final = export(model, a, out / "model")
         meta = model.store.read_json("meta.json")
         meta["run"]["finished"] = True
         model.store.write_json("meta.json", meta)
@@ -351,10 +345,21 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
     return 0
 
 
+def export(model: OffloadedModel, a, path: Path) -> Path:
+    """save_llama2, where a full disk is named as the export's: the work dir is intact and the run resumes."""
+    try:
+        return model.save_llama2(path, a.export_shards, a.export_dtype)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SlowftError(f"--out {path}: disk full while exporting; the trained weights are safe in "
+                          f"{model.store.root}. Free some space, then run: {resume_command()}") from None
+
+
 def save_checkpoint(model: OffloadedModel, a, out: Path, step: int) -> None:
     """Keeps only the newest checkpoint: each is as large as the model."""
     root = out / "checkpoints"
-    path = model.save_llama2(root / f"step-{step:06d}", a.export_shards, a.export_dtype)
+    path = export(model, a, root / f"step-{step:06d}")
     for old in root.glob("step-*"):
         if old != path and old.is_dir() and foreign_file(old) is None:  # only what an export wrote
             shutil.rmtree(old)

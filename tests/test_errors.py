@@ -177,6 +177,13 @@ def test_output_and_workdir_places(broken, good, tmp_path, fails):
     assert (tmp_path / "o" / "model" / "thesis.tex").read_text() == "precious"
 
 
+def test_unwritable_demo_cache(tmp_path, fails, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SLOWFT_CACHE", str(blocker))
+    assert "cannot write the demo model" in fails(finetune.main, "--demo")
+
+
 def test_workdir_of_another_model_and_resume_without_run(good, tiny, tmp_path, fails):
     import slowft
 

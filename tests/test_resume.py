@@ -102,6 +102,17 @@ def test_disk_full_during_block_write(src, reference, tmp_path):
     assert bits(tmp_path / "out" / "model") == reference
 
 
+def test_disk_full_during_export_names_out_and_resumes_to_the_export(src, reference, tmp_path):
+    args = [src, *TRAIN, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    r = run_script("finetune.py", *args, env={"SLOWFT_FAULT": "export_unit:4:enospc"})  # step 3's checkpoint
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0] and "disk full while exporting" in lines[0] and "--resume" in lines[0], r.stderr
+    r = run_script("finetune.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == reference
+
+
 def test_nan_loss_stops_before_any_write(src, tmp_path):
     args = [src, "--steps", 3, "--batch-size", 2, "--seq-len", 16, "--optimizer", "sgd", "--lr", 1e30,
             "--device", "cpu", "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
