@@ -244,8 +244,8 @@ class OffloadedModel:
             self.cache.release("tok_embeddings")
         return h if drop is None else drop(h, "out")
 
-    def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None):
-        return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop})
+    def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None, split=False):
+        return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop, "split": split})
 
     def head_fn(self, w, h):
         return functional_call(self._head, w, (h,))

@@ -33,6 +33,7 @@ from .optim import Rows, rows_of
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
 LOGITS_CHUNK_BYTES = 64 << 20  # the head computes the loss this many bytes of logits at a time
+W2 = "feed_forward.w2.weight"  # a block's last projection: its gradients are made by hand (_Update.backward)
 
 
 def batch_id(tokens: torch.Tensor, targets: torch.Tensor) -> str:
@@ -109,8 +110,8 @@ class _Update:
     """A unit opened for its fused update: compute-dtype copies of its weights that autograd
     differentiates, and the in-place update of the stored weights as each gradient arrives."""
 
-    def __init__(self, model, unit: str, optimizer, t: int):
-        self.model, self.unit, self.t = model, unit, t
+    def __init__(self, model, unit: str, optimizer, t: int, drop=None):
+        self.model, self.unit, self.t, self.drop = model, unit, t, drop
         self.master = model.cache.get(unit, for_update=True)
         self.bad: list[torch.Tensor] = []
         master, bad = self.master, self.bad
@@ -146,26 +147,39 @@ class _Update:
 
             self.params[name].register_post_accumulate_grad_hook(on_grad)
 
-    def run(self, fn, inp: torch.Tensor) -> torch.Tensor:
-        """``fn(weights, inp)`` with autograd, each weight's update hooked to its gradient: a
-        matrix's, where the optimizer takes each slice once, given a slice at a time."""
-        self.x = inp.detach().requires_grad_(inp.is_floating_point())
+    def run_block(self, fn, inp: torch.Tensor, output: bool) -> torch.Tensor | None:
+        """A block, ``fn(weights, x, split=True)``, with autograd short of its last projection,
+        whose product backward does not need; each weight's update hooked to its gradient (a
+        matrix's, where the optimizer takes each slice once, given a slice at a time). With
+        ``output``, the block's output, that product made outside autograd (the top block's
+        forward, whose backward follows the head's)."""
+        self.x = inp.detach().requires_grad_(True)
         matrices = {}  # id -> its update; _SlicedLinears takes out each one it routes
         if self.passes == 1:
-            matrices = {id(p): functools.partial(self.apply, name) for name, p in self.params.items() if p.dim() == 2}
+            matrices = {id(p): functools.partial(self.apply, name) for name, p in self.params.items() if p.dim() == 2 and name != W2}
         offered = set(matrices)
         with torch.enable_grad(), _SlicedLinears(matrices) if matrices else contextlib.nullcontext():
-            self.out = fn(self.params, self.x)
+            self.out = h, a = fn(self.params, self.x, split=True)
         routed = offered - set(matrices)
-        self._hook(name for name, p in self.params.items() if id(p) not in routed)
-        return self.out
+        self._hook(name for name, p in self.params.items() if id(p) not in routed and name != W2)
+        if not output:
+            return None
+        with torch.no_grad():
+            y = F.linear(a, self.params[W2])
+            return h + (y if self.drop is None else self.drop(y, "ffn_out"))
 
     def backward(self, g_out: torch.Tensor) -> torch.Tensor | None:
-        """Backpropagates ``g_out`` through what run() computed, updating the weights as their
-        gradients arrive, and hands the unit on; returns the gradient of the input."""
-        self.model.cache.advance(self.unit)  # read ahead from here (run() may have been long ago)
-        out, self.out = self.out, None
-        out.backward(g_out)
+        """Backpropagates ``g_out`` through what run_block() computed, updating the weights as
+        their gradients arrive, and hands the unit on; returns the gradient of the input. The
+        last projection's gradients are made here: its input's from ``w2`` before its update."""
+        self.model.cache.advance(self.unit)  # read ahead from here (run_block() may have been long ago)
+        (h, a), self.out = self.out, None
+        g = g_out if self.drop is None else self.drop(g_out, "ffn_out")  # x * mask: gradient g * mask
+        w2 = self.params[W2].detach()
+        g_a = g @ w2
+        g, a_ = g.reshape(-1, g.shape[-1]), a.detach().reshape(-1, a.shape[-1])
+        self.apply(W2, _weight_rows([(g, a_)]) if self.passes == 1 else g.T @ a_)
+        torch.autograd.backward([h, a], [g_out, g_a])
         self.finish()
         return self.x.grad
 
@@ -180,11 +194,12 @@ class _Update:
         self.model.cache.release(self.unit, updated=True)
 
 
-def backward_unit(model, unit: str, fn, inp: torch.Tensor, g_out: torch.Tensor, optimizer, t: int):
-    """Recomputes ``fn(weights, inp)``, backpropagates ``g_out`` and updates the unit's weights in
-    place as each gradient arrives. Returns the gradient of ``inp``."""
-    u = _Update(model, unit, optimizer, t)
-    u.run(fn, inp)
+def backward_block(model, i: int, fn, inp: torch.Tensor, g_out: torch.Tensor, optimizer, t: int, drop=None):
+    """Recomputes block ``i`` (``fn(weights, x, split=True)``) from its input, backpropagates
+    ``g_out`` and updates its weights in place as each gradient arrives. Returns the gradient of
+    ``inp``."""
+    u = _Update(model, f"layers.{i}", optimizer, t, drop)
+    u.run_block(fn, inp, output=False)
     return u.backward(g_out)
 
 
@@ -332,8 +347,8 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                         _stop(model, t, done, None, None, batch, len(bwd))
                     faults.hit("forward_block")
                     if i == L - 1:  # (only reached when nothing is updated yet)
-                        top = _Update(model, f"layers.{i}", optimizer, t + 1)
-                        h = top.run(lambda w, x: model.block_fn(w, x, rope, 0, None, at(L - 1)), h).detach()
+                        top = _Update(model, f"layers.{i}", optimizer, t + 1, at(i))
+                        h = top.run_block(functools.partial(model.block_fn, rope=rope, drop=at(i)), h, output=True)
                     else:
                         model.inputs.save(i, h)
                         h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
@@ -370,7 +385,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                     del kept  # its weights would hold the block's buffer until the step ends
                 else:
                     x = model.inputs.load(i)
-                    g = backward_unit(model, unit, lambda w, x, i=i: model.block_fn(w, x, rope, 0, None, at(i)), x, g, optimizer, t + 1)
+                    g = backward_block(model, i, functools.partial(model.block_fn, rope=rope, drop=at(i)), x, g, optimizer, t + 1, at(i))
             if every and k + 1 - last_commit >= every and k + 1 < len(bwd):
                 _commit_mid_step(model, t, k + 1, g, loss, batch)
                 last_commit = k + 1

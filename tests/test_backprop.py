@@ -12,7 +12,7 @@ import torch
 
 import slowft
 from reference import RefLlama, adalite_step, load_meta, loss_fn
-from slowft.model import ModelArgs, SeededDropout, Transformer
+from slowft.model import ModelArgs, SeededDropout, Transformer, precompute_rope
 
 GOLDEN = Path(__file__).resolve().parents[1] / "test_data" / "golden_backprop.safetensors"
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -155,6 +155,55 @@ def test_bfloat16_compute_tracks_float32(gqa_model, tmp_path):
             losses[cd] = [model.step(tokens, targets, slowft.SGD(lr=0.1)) for _ in range(5)]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+
+
+def test_step_does_less_arithmetic_than_checkpointed_autograd(gqa_model, tmp_path):
+    """What backward needs and no more: a slowft step multiplies exactly what an in-RAM step with
+    per-block checkpointing does, less the top block's recompute (its forward keeps its graph).
+    torch's checkpoint stops each recompute once backward has what it saved, short of the last
+    projection's product (backward needs w2's input, not its output), and so must slowft's.
+    Counted with torch's FLOP formulas: matmuls and attention, both directions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import flop_registry
+
+    params = json.loads((gqa_model / "params.json").read_text())
+    args = ModelArgs.from_params(params, vocab_size=512)
+    start = load_meta(gqa_model)
+    ram = Transformer(args)
+    ram.load_state_dict({k: v for k, v in start.items() if k != "rope.freqs"})
+    tokens, targets = batch(512)
+
+    aten = torch.ops.aten
+    formulas = {**flop_registry, aten.addmm_: flop_registry[aten.addmm],  # (the registry misses these)
+                aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[aten._scaled_dot_product_flash_attention],
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    flop_registry[aten._scaled_dot_product_flash_attention_backward]}
+
+    class Counter(TorchDispatchMode):  # FlopCounterMode's module hooks refuse the head's autograd.grad
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in formulas:
+                self.total += formulas[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+            return out
+
+    def flops(fn) -> int:
+        with Counter() as counter:
+            fn()
+        return counter.total
+
+    def ram_step():
+        logits = ram(tokens, block_fn=lambda b, h, rope: checkpoint(b, h, rope, use_reentrant=False))
+        loss_fn(logits, targets).backward()
+
+    rope = precompute_rope(args.head_dim, tokens.shape[1], args.rope_theta)
+    block_forward = flops(lambda: ram.layers[0](ram.tok_embeddings(tokens).detach(), rope))
+    w2_product = 2 * tokens.numel() * args.dim * args.hidden_dim
+    with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
+        got = flops(lambda: model.step(tokens, targets, slowft.SGD(lr=0.1)))
+    assert got == flops(ram_step) - (block_forward - w2_product)
 
 
 # ----------------------------------------------------------------------------- golden numbers

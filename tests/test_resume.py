@@ -153,8 +153,9 @@ def test_a_step_stopped_by_a_non_finite_gradient_leaves_the_work_dir_to_reopen(s
         out = block_fn(w, x, *args, **kwargs)
         if torch.is_grad_enabled() and model.step_count == 1:
             recomputes.append(1)
-            if len(recomputes) == model.args.n_layers:
-                return _NaNGradient.apply(out)
+            if len(recomputes) == model.args.n_layers:  # (a recompute: split, short of w2)
+                h, a = out
+                return _NaNGradient.apply(h), a
         return out
 
     model.block_fn = poisoned
@@ -182,11 +183,11 @@ def test_stop_between_forward_and_backward_leaves_the_model_usable(src, tmp_path
     def train(model, stop_at=None):
         block_fn, calls = model.block_fn, []
 
-        def spy(w, x, *args):
+        def spy(w, x, *args, **kwargs):
             calls.append(torch.is_grad_enabled())
             if stop_at == model.step_count and calls[-1] and len(calls) == model.args.n_layers:
                 model.stop_requested = True  # the top block's forward: the only one with autograd
-            return block_fn(w, x, *args)
+            return block_fn(w, x, *args, **kwargs)
 
         model.block_fn = spy
         opt = slowft.Adalite(lr=1e-3)
