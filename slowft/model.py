@@ -162,7 +162,8 @@ class Attention(nn.Module):
         # grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads)
         rep = self.n_heads // self.n_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if rep > 1:  # (a copy of each: not made for plain multi-head attention)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         S = k.shape[2]
         mask = None
         if T > 1:  # causal; with a cache, query t sees keys up to start_pos + t
@@ -179,6 +180,21 @@ class Attention(nn.Module):
         return out if drop is None else drop(out, "attn_out")
 
 
+def swiglu(x1: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+    """The FFN's gated activation, from the outputs of w1 and w3."""
+    return F.silu(x1) * x3
+
+
+def swiglu_grads(g: torch.Tensor, x1: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of swiglu(x1, x3) given its output's, made by hand so that a backward can start
+    from w1's and w3's outputs and keep nothing else of the FFN (its temporaries are made in
+    place: [tokens, hidden] tensors are the largest a block's backward holds)."""
+    s = torch.sigmoid(x1)
+    g3 = (x1 * s).mul_(g)  # silu(x1) = x1 * sigmoid(x1)
+    g1 = (1 - s).mul_(x1).add_(1).mul_(s).mul_(x3).mul_(g)  # silu'(x1) = s * (1 + x1 * (1 - s))
+    return g1, g3
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -186,12 +202,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
-    def gate(self, x):
-        """The SwiGLU activation: what ``w2`` projects back to ``dim``."""
-        return F.silu(self.w1(x)) * self.w3(x)
-
     def forward(self, x, drop=None):
-        out = self.w2(self.gate(x))
+        out = self.w2(swiglu(self.w1(x), self.w3(x)))
         return out if drop is None else drop(out, "ffn_out")
 
 
@@ -204,12 +216,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None, split: bool = False):
-        """The block's output; with ``split``, (h, a) short of its last step, the output being
-        ``h + feed_forward.w2(a)`` (then dropout): backward needs w2's input but not its product,
-        so a recompute for the gradients skips that matmul (~5 % of a block's training step)."""
+        """The block's output; with ``split``, (h, x1, x3) where the FFN's gate starts, the output
+        being ``h + w2(swiglu(x1, x3))`` (then dropout). A backward recompute stops there: it
+        needs w2's input, not its product (~5 % of a block's training step), and takes the
+        gate's gradients by hand (swiglu_grads) rather than keep its activations for autograd."""
         h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, drop)
         if split:
-            return h, self.feed_forward.gate(self.ffn_norm(h))
+            ffn, x = self.feed_forward, self.ffn_norm(h)
+            return h, ffn.w1(x), ffn.w3(x)
         return h + self.feed_forward(self.ffn_norm(h), drop)
 
 

@@ -1,6 +1,7 @@
 """One training step with the weights on SSD: forward saving each block's input, then a manual
 backward, last unit first, that recomputes the unit, updates it at once and writes it back. (The
-top block's forward keeps its autograd graph instead: its backward follows the head's at once.)
+top block's forward keeps its autograd graph instead: its backward follows the head's at once.
+A block's recompute stops short of w2's product, which its backward does not need.)
 
 Only one unit's gradients ever exist: each parameter is updated by a hook the moment autograd has
 its gradient (LOMO), then the gradient is dropped; with SGD, a block matrix's gradient is made a
@@ -28,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .heap import release_free_heap
-from .model import SeededDropout
+from .model import SeededDropout, swiglu, swiglu_grads
 from .optim import Rows, rows_of
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
@@ -159,27 +160,31 @@ class _Update:
             matrices = {id(p): functools.partial(self.apply, name) for name, p in self.params.items() if p.dim() == 2 and name != W2}
         offered = set(matrices)
         with torch.enable_grad(), _SlicedLinears(matrices) if matrices else contextlib.nullcontext():
-            self.out = h, a = fn(self.params, self.x, split=True)
+            self.out = h, x1, x3 = fn(self.params, self.x, split=True)
         routed = offered - set(matrices)
         self._hook(name for name, p in self.params.items() if id(p) not in routed and name != W2)
         if not output:
             return None
         with torch.no_grad():
-            y = F.linear(a, self.params[W2])
+            y = F.linear(swiglu(x1, x3), self.params[W2])
             return h + (y if self.drop is None else self.drop(y, "ffn_out"))
 
     def backward(self, g_out: torch.Tensor) -> torch.Tensor | None:
         """Backpropagates ``g_out`` through what run_block() computed, updating the weights as
         their gradients arrive, and hands the unit on; returns the gradient of the input. The
-        last projection's gradients are made here: its input's from ``w2`` before its update."""
+        gradients of w2 and the gate are made here (w2's input's from w2 before its update), the
+        gate's activation only while w2's gradient needs it."""
         self.model.cache.advance(self.unit)  # read ahead from here (run_block() may have been long ago)
-        (h, a), self.out = self.out, None
+        (h, x1, x3), self.out = self.out, None
         g = g_out if self.drop is None else self.drop(g_out, "ffn_out")  # x * mask: gradient g * mask
-        w2 = self.params[W2].detach()
-        g_a = g @ w2
-        g, a_ = g.reshape(-1, g.shape[-1]), a.detach().reshape(-1, a.shape[-1])
-        self.apply(W2, _weight_rows([(g, a_)]) if self.passes == 1 else g.T @ a_)
-        torch.autograd.backward([h, a], [g_out, g_a])
+        g_a = g @ self.params[W2].detach()
+        a = swiglu(x1.detach(), x3.detach()).reshape(-1, g_a.shape[-1])
+        g = g.reshape(-1, g.shape[-1])
+        self.apply(W2, _weight_rows([(g, a)]) if self.passes == 1 else g.T @ a)
+        del g, a
+        g1, g3 = swiglu_grads(g_a, x1.detach(), x3.detach())
+        del g_a
+        torch.autograd.backward([h, x1, x3], [g_out, g1, g3])
         self.finish()
         return self.x.grad
 

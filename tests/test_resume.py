@@ -153,9 +153,9 @@ def test_a_step_stopped_by_a_non_finite_gradient_leaves_the_work_dir_to_reopen(s
         out = block_fn(w, x, *args, **kwargs)
         if torch.is_grad_enabled() and model.step_count == 1:
             recomputes.append(1)
-            if len(recomputes) == model.args.n_layers:  # (a recompute: split, short of w2)
-                h, a = out
-                return _NaNGradient.apply(h), a
+            if len(recomputes) == model.args.n_layers:  # (a recompute: split, short of the FFN's gate)
+                h, *ffn = out
+                return _NaNGradient.apply(h), *ffn
         return out
 
     model.block_fn = poisoned
