@@ -186,13 +186,10 @@ def swiglu(x1: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_grads(g: torch.Tensor, x1: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of swiglu(x1, x3) given its output's, made by hand so that a backward can start
-    from w1's and w3's outputs and keep nothing else of the FFN (its temporaries are made in
-    place: [tokens, hidden] tensors are the largest a block's backward holds)."""
-    s = torch.sigmoid(x1)
-    g3 = (x1 * s).mul_(g)  # silu(x1) = x1 * sigmoid(x1)
-    g1 = (1 - s).mul_(x1).add_(1).mul_(s).mul_(x3).mul_(g)  # silu'(x1) = s * (1 + x1 * (1 - s))
-    return g1, g3
+    """Gradients of swiglu(x1, x3) given its output's, by hand so that a backward can start from
+    w1's and w3's outputs and keep nothing else of the FFN; the ops autograd would run, so the
+    same numbers in every dtype."""
+    return torch.ops.aten.silu_backward(g * x3, x1), F.silu(x1).mul_(g)
 
 
 class FeedForward(nn.Module):

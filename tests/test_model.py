@@ -2,7 +2,7 @@
 import torch
 
 from reference import RefLlama, load_meta
-from slowft.model import ModelArgs, SeededDropout, Transformer, apply_rope, precompute_rope
+from slowft.model import ModelArgs, SeededDropout, Transformer, apply_rope, precompute_rope, swiglu, swiglu_grads
 
 LLAMA2 = {
     "7b": ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}, 11008),
@@ -56,3 +56,15 @@ def test_dropout_masks_depend_only_on_key():
     assert not torch.equal(a, d.mask((4, 5), "cpu", 2, "attn_out"))
     assert not torch.equal(a, SeededDropout(0.5, 7, 4).mask((4, 5), "cpu", 2, "ffn_out"))
     assert set(a.unique().tolist()) == {0.0, 2.0}
+
+
+def test_swiglu_grads_are_autograds_bit_for_bit():
+    """A block's backward takes the gate's gradients by hand (it starts from w1's and w3's
+    outputs): they must be autograd's, exactly, in the dtypes training computes in."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x1, x3, grad = (torch.randn(3, 5, 96, generator=g).to(dtype) for _ in range(3))
+        x1.requires_grad_(True), x3.requires_grad_(True)
+        swiglu(x1, x3).backward(grad)
+        g1, g3 = swiglu_grads(grad, x1.detach(), x3.detach())
+        assert torch.equal(g1, x1.grad) and torch.equal(g3, x3.grad), dtype
