@@ -1,7 +1,7 @@
 """One training step with the weights on SSD: forward saving each block's input, then a manual
 backward, last unit first, that recomputes the unit, updates it at once and writes it back. (The
 top block's forward keeps its autograd graph instead: its backward follows the head's at once.
-A block's recompute stops short of w2's product, which its backward does not need.)
+A block's recompute stops at w1's and w3's outputs: its backward does not need w2's product.)
 
 Only one unit's gradients ever exist: each parameter is updated by a hook the moment autograd has
 its gradient (LOMO), then the gradient is dropped; with SGD, a block matrix's gradient is made a
@@ -149,11 +149,11 @@ class _Update:
             self.params[name].register_post_accumulate_grad_hook(on_grad)
 
     def run_block(self, fn, inp: torch.Tensor, output: bool) -> torch.Tensor | None:
-        """A block, ``fn(weights, x, split=True)``, with autograd short of its last projection,
-        whose product backward does not need; each weight's update hooked to its gradient (a
-        matrix's, where the optimizer takes each slice once, given a slice at a time). With
-        ``output``, the block's output, that product made outside autograd (the top block's
-        forward, whose backward follows the head's)."""
+        """A block, ``fn(weights, x, split=True)``, with autograd up to w1's and w3's outputs (w2's
+        product is not needed by backward, the gate's gradients are made by hand); each weight's
+        update hooked to its gradient (a matrix's, where the optimizer takes each slice once,
+        given a slice at a time). With ``output``, the block's output, its rest made outside
+        autograd (the top block's forward, whose backward follows the head's)."""
         self.x = inp.detach().requires_grad_(True)
         matrices = {}  # id -> its update; _SlicedLinears takes out each one it routes
         if self.passes == 1:
