@@ -148,8 +148,8 @@ class _Update:
 
             self.params[name].register_post_accumulate_grad_hook(on_grad)
 
-    def run_block(self, fn, inp: torch.Tensor, output: bool) -> torch.Tensor | None:
-        """A block, ``fn(weights, x, split=True)``, with autograd up to w1's and w3's outputs (w2's
+    def run_block(self, inp: torch.Tensor, rope, output: bool) -> torch.Tensor | None:
+        """The block (with this update's dropout) with autograd up to w1's and w3's outputs (w2's
         product is not needed by backward, the gate's gradients are made by hand); each weight's
         update hooked to its gradient (a matrix's, where the optimizer takes each slice once,
         given a slice at a time). With ``output``, the block's output, its rest made outside
@@ -160,7 +160,7 @@ class _Update:
             matrices = {id(p): functools.partial(self.apply, name) for name, p in self.params.items() if p.dim() == 2 and name != W2}
         offered = set(matrices)
         with torch.enable_grad(), _SlicedLinears(matrices) if matrices else contextlib.nullcontext():
-            self.out = h, x1, x3 = fn(self.params, self.x, split=True)
+            self.out = h, x1, x3 = self.model.block_fn(self.params, self.x, rope, drop=self.drop, split=True)
         routed = offered - set(matrices)
         self._hook(name for name, p in self.params.items() if id(p) not in routed and name != W2)
         if not output:
@@ -199,12 +199,11 @@ class _Update:
         self.model.cache.release(self.unit, updated=True)
 
 
-def backward_block(model, i: int, fn, inp: torch.Tensor, g_out: torch.Tensor, optimizer, t: int, drop=None):
-    """Recomputes block ``i`` (``fn(weights, x, split=True)``) from its input, backpropagates
-    ``g_out`` and updates its weights in place as each gradient arrives. Returns the gradient of
-    ``inp``."""
+def backward_block(model, i: int, inp: torch.Tensor, g_out: torch.Tensor, rope, optimizer, t: int, drop=None):
+    """Recomputes block ``i`` from its input (with dropout ``drop``), backpropagates ``g_out`` and
+    updates its weights in place as each gradient arrives. Returns the gradient of ``inp``."""
     u = _Update(model, f"layers.{i}", optimizer, t, drop)
-    u.run_block(fn, inp, output=False)
+    u.run_block(inp, rope, output=False)
     return u.backward(g_out)
 
 
@@ -353,7 +352,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                     faults.hit("forward_block")
                     if i == L - 1:  # (only reached when nothing is updated yet)
                         top = _Update(model, f"layers.{i}", optimizer, t + 1, at(i))
-                        h = top.run_block(functools.partial(model.block_fn, rope=rope, drop=at(i)), h, output=True)
+                        h = top.run_block(h, rope, output=True)
                     else:
                         model.inputs.save(i, h)
                         h = model.run_unit(f"layers.{i}", model.block_fn, h, rope, 0, None, at(i))
@@ -390,7 +389,7 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
                     del kept  # its weights would hold the block's buffer until the step ends
                 else:
                     x = model.inputs.load(i)
-                    g = backward_block(model, i, functools.partial(model.block_fn, rope=rope, drop=at(i)), x, g, optimizer, t + 1, at(i))
+                    g = backward_block(model, i, x, g, rope, optimizer, t + 1, at(i))
             if every and k + 1 - last_commit >= every and k + 1 < len(bwd):
                 _commit_mid_step(model, t, k + 1, g, loss, batch)
                 last_commit = k + 1
