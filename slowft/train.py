@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from . import faults
@@ -173,7 +174,8 @@ class _Update:
         """Backpropagates ``g_out`` through what run_block() computed, updating the weights as
         their gradients arrive, and hands the unit on; returns the gradient of the input. The
         gradients of w2 and the gate are made here (w2's input's from w2 before its update), the
-        gate's activation only while w2's gradient needs it."""
+        gate's activation only while w2's gradient needs it; autograd goes on from the graph's
+        edges, w1's and w3's outputs gone (their backward needs their input, not them)."""
         self.model.cache.advance(self.unit)  # read ahead from here (run_block() may have been long ago)
         (h, x1, x3), self.out = self.out, None
         g = g_out if self.drop is None else self.drop(g_out, "ffn_out")  # x * mask: gradient g * mask
@@ -182,9 +184,10 @@ class _Update:
         g = g.reshape(-1, g.shape[-1])
         self.apply(W2, _weight_rows([(g, a)]) if self.passes == 1 else g.T @ a)
         del g, a
+        edges = [get_gradient_edge(t) for t in (h, x1, x3)]
         g1, g3 = swiglu_grads(g_a, x1.detach(), x3.detach())
-        del g_a
-        torch.autograd.backward([h, x1, x3], [g_out, g1, g3])
+        del g_a, x1, x3
+        torch.autograd.backward(edges, [g_out, g1, g3])
         self.finish()
         return self.x.grad
 
