@@ -177,15 +177,16 @@ class _Update:
         gate's activation only while w2's gradient needs it; autograd goes on from the graph's
         edges, w1's and w3's outputs gone (their backward needs their input, not them)."""
         self.model.cache.advance(self.unit)  # read ahead from here (run_block() may have been long ago)
-        (h, x1, x3), self.out = self.out, None
+        edges = [get_gradient_edge(t) for t in self.out]
+        _, x1, x3 = (t.detach() for t in self.out)
+        self.out = None
         g = g_out if self.drop is None else self.drop(g_out, "ffn_out")  # x * mask: gradient g * mask
         g_a = g @ self.params[W2].detach()
-        a = swiglu(x1.detach(), x3.detach()).reshape(-1, g_a.shape[-1])
+        a = swiglu(x1, x3).reshape(-1, g_a.shape[-1])
         g = g.reshape(-1, g.shape[-1])
         self.apply(W2, _weight_rows([(g, a)]) if self.passes == 1 else g.T @ a)
         del g, a
-        edges = [get_gradient_edge(t) for t in (h, x1, x3)]
-        g1, g3 = swiglu_grads(g_a, x1.detach(), x3.detach())
+        g1, g3 = swiglu_grads(g_a, x1, x3)
         del g_a, x1, x3
         torch.autograd.backward(edges, [g_out, g1, g3])
         self.finish()
