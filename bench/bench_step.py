@@ -46,6 +46,17 @@ def peak_rss() -> int:
         return r if sys.platform == "darwin" else r * 1024
 
 
+def cpu_steal() -> float | None:
+    """Seconds of CPU the machine's hypervisor has taken from this VM, all cores (Linux's
+    /proc/stat); None elsewhere. The sides take turns, so a step's share is its own."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def batch(a):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (a.batch, a.seq), generator=g)
@@ -295,12 +306,16 @@ def main() -> None:
     for kind in ("io", "ram"):
         reply(workers[kind], kind)
     times: dict[str, list[float]] = {k: [] for k in workers}
+    steal: dict[str, list[float]] = {k: [] for k in workers}
     order = list(workers)
     for i in range(a.steps):  # take turns, rotating who goes first
         for kind in order[i % 3:] + order[: i % 3]:
+            before = cpu_steal()
             workers[kind].stdin.write("step\n")
             workers[kind].stdin.flush()
             times[kind].append(reply(workers[kind], kind)["s"])
+            if before is not None:
+                steal[kind].append(cpu_steal() - before)
     for kind, proc in workers.items():
         proc.stdin.write("end\n")
         proc.stdin.flush()
@@ -314,7 +329,7 @@ def main() -> None:
     ts, tc, ti = (statistics.median(times[k]) for k in ("slowft", "ram", "io"))
     read, written = sum(r["read_bytes"].values()), sum(r["written_bytes"].values())
     r.update({
-        "slowft_step_s": ts, "compute_step_s": tc, "io_step_s": ti, "steps_s": times,
+        "slowft_step_s": ts, "compute_step_s": tc, "io_step_s": ti, "steps_s": times, "cpu_steal_s": steal,
         "ratio": ts / tc, "overlap_efficiency": max(tc, ti) / ts,
         "block_bytes": block, "model_bytes": model_bytes, "saved_inputs_bytes": x_bytes * a.layers,
         "read_per_model": read / model_bytes,
@@ -346,6 +361,10 @@ def main() -> None:
           f"(target 2.5 blocks + inputs + 0.5 GB = {mb(r['rss_target'])})")
     print(f"  T_compute  {tc:8.2f} s/step   peak RSS {mb(r['ram_peak_rss'])}  (in RAM, per-block checkpointing)")
     print(f"  T_io       {ti:8.2f} s/step   (the step's reads and writes, store alone)")
+    if all(steal.values()):
+        label = {"slowft": "slowft", "ram": "in RAM", "io": "I/O alone"}
+        print("  CPU taken by the hypervisor (steal) per step, median: " + ", ".join(
+            f"{label[k]} {statistics.median(v):.2f} s" for k, v in steal.items()))
     print(f"  ratio T_slowft/T_compute {r['ratio']:.3f}; overlap efficiency max(T_compute, T_io)/T_slowft {r['overlap_efficiency']:.3f}")
     print(f"  per step: read {mb(read)} ({r['read_per_model']:.2f} x model), wrote {mb(written)} "
           f"({r['written_per_trainable_plus_inputs']:.3f} x (model + inputs)); by kind: read {r['read_bytes']}, wrote {r['written_bytes']}")
