@@ -9,10 +9,10 @@ One run measures, on one random llama2-shaped model (llama2's 32000 vocab), with
   T_io       the very reads and writes of one slowft step (recorded, then replayed by the store alone)
 and reports ratio = T_slowft / T_compute and overlap efficiency = max(T_compute, T_io) / T_slowft,
 peak RSS of each, bytes moved per step, import/export MB/s, and on Linux the CPU a VM's
-hypervisor took during each side's steps (steal: time the cores were not the process's). Each side is its own process (so its
-peak RSS is its own); the three stay alive and take turns, one step each per round, so a machine
-that speeds up or slows down over the run affects them alike; medians over the rounds. The last
-line is JSON with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
+hypervisor took during each side's steps (steal: time the cores were not the process's). Each
+side is its own process (so its peak RSS is its own); the three stay alive and take turns, one
+step each per round, so a machine that speeds up or slows down over the run affects them alike;
+medians over the rounds. The last line is JSON with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
 """
 from __future__ import annotations
 
