@@ -295,23 +295,24 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         if a.prompt and model.step_count == 0:
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
         started, first_loss, loss = time.perf_counter(), None, None
-        io_start = model.store.stats.snapshot()
+        io_start, waited_start, stepping = model.store.stats.snapshot(), model.io.waited, 0.0
         done = model.step_count
         if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
             save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
         for step in range(model.step_count, a.steps):
             optimizer.lr = schedule(step)
             tokens, targets = data.batch(step, a.batch_size, a.seq_len, a.seed)
-            io_before, t0 = model.store.stats.snapshot(), time.perf_counter()
+            io_before, waited, t0 = model.store.stats.snapshot(), model.io.waited, time.perf_counter()
             loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed)
             dt = time.perf_counter() - t0
+            waited, stepping = model.io.waited - waited, stepping + dt
             io = model.store.stats.delta(model.store.stats.snapshot(), io_before)
             first_loss = loss if first_loss is None else first_loss
             read, written = sum(io["read"].values()), sum(io["written"].values())
             print(f"step {step + 1:>5}/{a.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}  "
-                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s  read {gb(read)}  wrote {gb(written)}", flush=True)
+                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s (SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)}", flush=True)
             log.write({"step": step + 1, "loss": loss, "lr": optimizer.lr, "tokens_per_s": tokens.numel() / dt,
-                       "step_s": dt, "read_bytes": io["read"], "written_bytes": io["written"]})
+                       "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"]})
             if a.prompt and a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
                 show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {step + 1}")
             if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:
@@ -340,7 +341,8 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         kinds = lambda d: ", ".join(f"{k} {gb(v)}" for k, v in d.items() if v)  # noqa: E731
         print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s\n"
               f"SSD read {gb(read)} ({gb(read / took)}/s: {kinds(total['read'])}), "
-              f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run")
+              f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run; "
+              f"the steps waited for it {model.io.waited - waited_start:.1f} s of {stepping:.1f} s")
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
 

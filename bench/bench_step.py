@@ -8,11 +8,12 @@ One run measures, on one random llama2-shaped model (llama2's 32000 vocab), with
   T_compute  plain in-RAM PyTorch with per-block activation checkpointing (the same arithmetic, no I/O)
   T_io       the very reads and writes of one slowft step (recorded, then replayed by the store alone)
 and reports ratio = T_slowft / T_compute and overlap efficiency = max(T_compute, T_io) / T_slowft,
-peak RSS of each, bytes moved per step, import/export MB/s, and on Linux the CPU a VM's
-hypervisor took during each side's steps (steal: time the cores were not the process's). Each
-side is its own process (so its peak RSS is its own); the three stay alive and take turns, one
-step each per round, so a machine that speeds up or slows down over the run affects them alike;
-medians over the rounds. The last line is JSON with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
+the time slowft's step was blocked on its I/O, peak RSS of each, bytes moved per step,
+import/export MB/s, and on Linux the CPU a VM's hypervisor took during each side's steps (steal:
+time the cores were not the process's). Each side is its own process (so its peak RSS is its
+own); the three stay alive and take turns, one step each per round, so a machine that speeds up
+or slows down over the run affects them alike; medians over the rounds. The last line is JSON
+with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
 """
 from __future__ import annotations
 
@@ -122,10 +123,13 @@ def worker_slowft(a) -> None:
     model = OffloadedModel(store, torch.device(a.device), ram_budget=a.ram_budget, io_depth=a.io_depth, page_cache=a.page_cache)
     tokens, targets = batch(a)
     opt = slowft.SGD(lr=1e-5)
+    waits = []  # per step: seconds the compute thread was blocked on the disk
 
     def step():
+        waited = model.io.waited
         model.step(tokens, targets, opt)
         model.io.drain(tidy=False)  # its writes belong to it; deleting old versions runs on, as between steps of a run
+        waits.append(model.io.waited - waited)
 
     step()  # warm-up
     before, trace[0] = store.stats.snapshot(), True
@@ -135,7 +139,7 @@ def worker_slowft(a) -> None:
     ready = {"read_bytes": io["read"], "written_bytes": io["written"], "trace": trace[1], "resident": model.cache.resident,
              "page_cache": not store.direct,
              "unit_bytes": model.unit_bytes, "x_bytes": a.batch * a.seq * model.args.dim * 4}
-    serve(ready, step, lambda: {"peak_rss": peak_rss()})
+    serve(ready, step, lambda: {"peak_rss": peak_rss(), "io_wait_s": waits[2:]})  # the timed steps'
     model.close()
 
 
@@ -320,7 +324,10 @@ def main() -> None:
     for kind, proc in workers.items():
         proc.stdin.write("end\n")
         proc.stdin.flush()
-        r[f"{kind}_peak_rss"] = reply(proc, kind).get("peak_rss")
+        end = reply(proc, kind)
+        r[f"{kind}_peak_rss"] = end.get("peak_rss")
+        if kind == "slowft":
+            r["slowft_io_wait_s"] = end["io_wait_s"]
         proc.wait()
 
     units = r["unit_bytes"]
@@ -360,6 +367,7 @@ def main() -> None:
           f"median of {a.steps} interleaved rounds")
     print(f"  T_slowft   {ts:8.2f} s/step   peak RSS {mb(r['slowft_peak_rss'])}  "
           f"(target 2.5 blocks + inputs + 0.5 GB = {mb(r['rss_target'])})")
+    print(f"  of which waiting for the disk {statistics.median(r['slowft_io_wait_s']):.2f} s/step (median; what overlap did not hide)")
     print(f"  T_compute  {tc:8.2f} s/step   peak RSS {mb(r['ram_peak_rss'])}  (in RAM, per-block checkpointing)")
     print(f"  T_io       {ti:8.2f} s/step   (the step's reads and writes, store alone)")
     if all(steal.values()):

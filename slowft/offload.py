@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,7 @@ class IOWorker:
         # a finished read's future holds a whole unit: only its owner keeps it alive
         self._reads: weakref.WeakSet[Future] = weakref.WeakSet()
         self.delay = delay  # artificial latency before each write (tests: stale reads must not happen)
+        self.waited = 0.0  # seconds the compute thread spent blocked on the disk: what overlap did not hide
 
     def _run(self, lane: str, task) -> Future:
         if self._pools is None:  # synchronous mode runs it now: the reference the overlapped path is checked against
@@ -95,6 +97,16 @@ class IOWorker:
                 self._tidies.popleft()
             self._tidies.append(self._run("tidy", run))
 
+    def wait(self, fut: Future) -> Future:
+        """Blocks until ``fut`` is done, counting the time in ``waited``; returns it."""
+        if not fut.done():
+            t0 = time.perf_counter()
+            try:
+                fut.exception()
+            finally:
+                self.waited += time.perf_counter() - t0
+        return fut
+
     def check(self) -> None:
         """Raises the first failure of any task so far."""
         if self._failed is not None:
@@ -104,15 +116,15 @@ class IOWorker:
         """Waits for every queued read and write (and, unless ``tidy`` is False, deletion); raises
         the first failure."""
         for fut in list(self._reads):
-            fut.exception()
+            self.wait(fut)
         while self._writes:
-            self._writes.popleft().exception()
+            self.wait(self._writes.popleft())
         while tidy:
             with self._tidy_lock:
                 if not self._tidies:
                     break
                 fut = self._tidies.popleft()
-            fut.result()
+            self.wait(fut).result()
         self.check()
 
     def shutdown(self) -> None:
@@ -313,7 +325,7 @@ class UnitCache:
         entry.pins += 1
         self._prefetch()
         if entry.reading is not None:
-            cpu = entry.reading.result()
+            cpu = self.io.wait(entry.reading).result()
             if self.device.type == "cpu":
                 entry.tensors = cpu
             else:  # a synchronous copy: the host buffer is free again at once
@@ -321,7 +333,7 @@ class UnitCache:
                 self.pool.give(cpu)
             entry.reading = None
         if for_update and unit in self.writing:
-            self.writing.pop(unit).fut.result()  # never update tensors the writer is still copying out
+            self.io.wait(self.writing.pop(unit).fut).result()  # never update tensors the writer is still copying out
         self.io.check()
         return entry.tensors
 
@@ -341,7 +353,7 @@ class UnitCache:
         """Waits for room to queue a unit's write: at most ``depth`` are ever pending, which
         bounds the units write-behind holds in memory (journal commits are small, not counted)."""
         while len(self._unit_writes) >= max(1, self.depth):
-            self._unit_writes.popleft().fut.exception()
+            self.io.wait(self._unit_writes.popleft().fut)
         self.io.check()
 
     def _write(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -446,7 +458,7 @@ class SavedInputs:
             return self.kept.pop(i)
         self.prefetch(i)
         self.spilled.pop(i)
-        return self.reading.pop(i).result().to(self.device)
+        return self.io.wait(self.reading.pop(i)).result().to(self.device)
 
     def clear(self) -> None:
         self.kept.clear()

@@ -12,6 +12,7 @@ def test_bench_step_reports_every_figure_and_exact_bytes(tmp_path):
     for side in ("slowft", "ram", "io"):
         assert len(out["steps_s"][side]) == 2 and all(t > 0 for t in out["steps_s"][side])
         assert out["cpu_steal_s"][side] == [] or len(out["cpu_steal_s"][side]) == 2
+    assert all(0 <= w <= t for w, t in zip(out["slowft_io_wait_s"], out["steps_s"]["slowft"], strict=True))
     model, inputs = out["model_bytes"], out["saved_inputs_bytes"]
     assert model == sum(out["unit_bytes"].values()) and inputs == 2 * 1 * 16 * 64 * 4
     # SGD streaming every unit through the disk: each one written once a step, read once or twice

@@ -72,6 +72,24 @@ def test_bytes_written_per_step_equal_file_sizes(gqa_model, tmp_path):
         assert weights < io["read"]["weights"] + io["read"]["optim"] + 2 * 1024 < 2 * weights
 
 
+def test_time_blocked_on_the_disk_is_counted(gqa_model, tmp_path):
+    """``io.waited`` (the step log's "SSD wait") counts what overlap did not hide: nothing when
+    every transfer is done before it is needed, the disk's time when it is slower than compute."""
+    tokens, targets = batch()
+    with open_model(gqa_model, tmp_path / "a", ram_budget=0, io=IOWorker(synchronous=True)) as model:
+        model.step(tokens, targets, slowft.SGD(lr=0.1))
+        model.io.drain()
+        assert model.io.waited == 0
+    delay = 0.1  # per write: ~50 x this tiny step's arithmetic
+    with open_model(gqa_model, tmp_path / "b", ram_budget=0, io=IOWorker(delay=delay)) as model:
+        t0 = time.perf_counter()
+        model.step(tokens, targets, slowft.SGD(lr=0.1))
+        model.io.drain()
+        took = time.perf_counter() - t0
+        writes = model.args.n_layers + 2  # every unit, one after another on the writer thread
+        assert writes * delay / 2 < model.io.waited <= took
+
+
 def test_budget_larger_than_model_writes_nothing_between_syncs(gqa_model, tmp_path):
     with open_model(gqa_model, tmp_path / "w", ram_budget=10**9) as model:
         io = io_of_second_step(model, slowft.SGD(lr=0.1))
