@@ -41,6 +41,19 @@ def gqa_model(tiny):
     return tiny(dim=64, layers=3, heads=4, kv_heads=2, shards=2, ffn_mult=1.3, multiple_of=32)
 
 
+def open_model(src, wd, **kw):
+    """An OffloadedModel on ``src`` imported into ``wd``, on the CPU, with OffloadedModel's own
+    settings (``io=`` an IOWorker made to order: delayed or synchronous)."""
+    import torch
+
+    import slowft
+    from slowft.offloaded import OffloadedModel
+    from slowft.store import Store
+
+    slowft.load(src, workdir=wd, device="cpu", progress=False).close()  # import once
+    return OffloadedModel(Store(wd), torch.device("cpu"), **kw)
+
+
 def tree_hash(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}

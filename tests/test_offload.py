@@ -8,15 +8,9 @@ import pytest
 import torch
 
 import slowft
+from conftest import open_model
 from slowft.directio import ALIGN, round_up
 from slowft.offload import IOWorker
-from slowft.offloaded import OffloadedModel
-from slowft.store import Store
-
-
-def open_model(src, wd, **kw):
-    slowft.load(src, workdir=wd, device="cpu", progress=False).close()  # import once
-    return OffloadedModel(Store(wd), torch.device("cpu"), **kw)
 
 
 def batch(vocab=512, B=2, T=16):

@@ -9,9 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import slowft
-from conftest import PEAK_RSS, run_script
+from conftest import PEAK_RSS, open_model, run_script
 from slowft.offload import IOWorker
-from slowft.offloaded import OffloadedModel
 
 
 def peak_rss_training(src, workdir) -> tuple[int, int]:
@@ -83,16 +82,12 @@ def test_head_and_embedding_updates_never_hold_a_vocab_sized_gradient(tiny, tmp_
     head = 32000 * 128 * 4
     tokens = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0))
     for opt in (slowft.SGD(lr=1e-3), slowft.Adalite(lr=1e-5)):
-        workdir = tmp_path / opt.name
-        slowft.load(src, workdir=workdir, device="cpu", progress=False).close()
-        model = OffloadedModel(slowft.store.Store(workdir), torch.device("cpu"), ram_budget=0,
-                               io=IOWorker(synchronous=True))
-        model.step(tokens, tokens, opt)  # the first step makes Adalite's state
-        with AllocatedPeak() as forward:
-            model.logits(tokens)
-        with AllocatedPeak() as step:
-            model.step(tokens, tokens, opt)
-        model.close()
+        with open_model(src, tmp_path / opt.name, ram_budget=0, io=IOWorker(synchronous=True)) as model:
+            model.step(tokens, tokens, opt)  # the first step makes Adalite's state
+            with AllocatedPeak() as forward:
+                model.logits(tokens)
+            with AllocatedPeak() as step:
+                model.step(tokens, tokens, opt)
         print(f"{opt.name}: allocated at the high point, forward {forward.peak / 1e6:.2f} MB, "
               f"step {step.peak / 1e6:.2f} MB; head {head / 1e6:.1f} MB")
         assert step.peak - forward.peak < 0.5 * head
