@@ -118,7 +118,7 @@ def test_streaming_holds_the_unit_computing_and_one_more(gqa_model, tmp_path, mo
         unit_size = min(model.unit_bytes.values())
 
         def counted(nbytes):  # directio.aligned_empty, keeping count of the unit-sized buffers alive
-            buf = mmap.mmap(-1, round_up(max(1, nbytes)))
+            buf = mmap.mmap(-1, round_up(max(1, nbytes)), flags=mmap.MAP_PRIVATE)
             if nbytes >= unit_size:
                 with lock:  # (a weak reference to a buffer being freed is already dead)
                     live[:] = [ref for ref in live if ref() is not None] + [weakref.ref(buf)]
