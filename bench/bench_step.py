@@ -9,11 +9,12 @@ One run measures, on one random llama2-shaped model (llama2's 32000 vocab), with
   T_io       the very reads and writes of one slowft step (recorded, then replayed by the store alone)
 and reports ratio = T_slowft / T_compute and overlap efficiency = max(T_compute, T_io) / T_slowft,
 the time slowft's step was blocked on its I/O, peak RSS of each, bytes moved per step,
-import/export MB/s, and on Linux the CPU a VM's hypervisor took during each side's steps (steal:
-time the cores were not the process's). Each side is its own process (so its peak RSS is its
-own); the three stay alive and take turns, one step each per round, so a machine that speeds up
-or slows down over the run affects them alike; medians over the rounds. The last line is JSON
-with every figure. --depth-sweep adds slowft's peak RSS for 4/8/16/32 layers.
+import/export MB/s, and on Linux, during each side's steps, the CPU a VM's hypervisor took
+(steal: time the cores were not the process's) and the time the cores sat idle. Each side is
+its own process (so its peak RSS is its own); the three stay alive and take turns, one step each
+per round, so a machine that speeds up or slows down over the run affects them alike; medians
+over the rounds. The last line is JSON with every figure. --depth-sweep adds slowft's peak RSS
+for 4/8/16/32 layers.
 """
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def peak_rss() -> int:
         return r if sys.platform == "darwin" else r * 1024
 
 
-def cpu_steal() -> float | None:
-    """Seconds of CPU the machine's hypervisor has taken from this VM, all cores (Linux's
-    /proc/stat); None elsewhere. The sides take turns, so a step's share is its own."""
+def cpu_times() -> dict[str, float] | None:
+    """CPU seconds so far, all cores (Linux's /proc/stat; None elsewhere): ``steal``, taken from
+    this VM by the machine's hypervisor, and ``idle``, the cores running nothing (idle + iowait).
+    The sides take turns, the others waiting on a pipe, so a step's share of either is its own."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return {"steal": int(fields[8]) / tick, "idle": (int(fields[4]) + int(fields[5])) / tick}
     except (OSError, IndexError, ValueError):
         return None
 
@@ -312,15 +315,18 @@ def main() -> None:
         reply(workers[kind], kind)
     times: dict[str, list[float]] = {k: [] for k in workers}
     steal: dict[str, list[float]] = {k: [] for k in workers}
+    idle: dict[str, list[float]] = {k: [] for k in workers}
     order = list(workers)
     for i in range(a.steps):  # take turns, rotating who goes first
         for kind in order[i % 3:] + order[: i % 3]:
-            before = cpu_steal()
+            before = cpu_times()
             workers[kind].stdin.write("step\n")
             workers[kind].stdin.flush()
             times[kind].append(reply(workers[kind], kind)["s"])
             if before is not None:
-                steal[kind].append(cpu_steal() - before)
+                after = cpu_times()
+                steal[kind].append(after["steal"] - before["steal"])
+                idle[kind].append(after["idle"] - before["idle"])
     for kind, proc in workers.items():
         proc.stdin.write("end\n")
         proc.stdin.flush()
@@ -337,7 +343,7 @@ def main() -> None:
     ts, tc, ti = (statistics.median(times[k]) for k in ("slowft", "ram", "io"))
     read, written = sum(r["read_bytes"].values()), sum(r["written_bytes"].values())
     r.update({
-        "slowft_step_s": ts, "compute_step_s": tc, "io_step_s": ti, "steps_s": times, "cpu_steal_s": steal,
+        "slowft_step_s": ts, "compute_step_s": tc, "io_step_s": ti, "steps_s": times, "cpu_steal_s": steal, "cpu_idle_s": idle,
         "ratio": ts / tc, "overlap_efficiency": max(tc, ti) / ts,
         "block_bytes": block, "model_bytes": model_bytes, "saved_inputs_bytes": x_bytes * a.layers,
         "read_per_model": read / model_bytes,
@@ -374,6 +380,8 @@ def main() -> None:
         label = {"slowft": "slowft", "ram": "in RAM", "io": "I/O alone"}
         print("  CPU taken by the hypervisor (steal) per step, median: " + ", ".join(
             f"{label[k]} {statistics.median(v):.2f} s" for k, v in steal.items()))
+        print(f"  cores idle per step ({os.cpu_count()} cores x the step), median: " + ", ".join(
+            f"{label[k]} {statistics.median(v):.2f} s" for k, v in idle.items()))
     print(f"  ratio T_slowft/T_compute {r['ratio']:.3f}; overlap efficiency max(T_compute, T_io)/T_slowft {r['overlap_efficiency']:.3f}")
     print(f"  per step: read {mb(read)} ({r['read_per_model']:.2f} x model), wrote {mb(written)} "
           f"({r['written_per_trainable_plus_inputs']:.3f} x (model + inputs)); by kind: read {r['read_bytes']}, wrote {r['written_bytes']}")
