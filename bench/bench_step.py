@@ -380,7 +380,7 @@ def main() -> None:
         label = {"slowft": "slowft", "ram": "in RAM", "io": "I/O alone"}
         print("  CPU taken by the hypervisor (steal) per step, median: " + ", ".join(
             f"{label[k]} {statistics.median(v):.2f} s" for k, v in steal.items()))
-        print(f"  cores idle per step ({os.cpu_count()} cores x the step), median: " + ", ".join(
+        print(f"  cores idle per step (out of {os.cpu_count()} cores x the step), median: " + ", ".join(
             f"{label[k]} {statistics.median(v):.2f} s" for k, v in idle.items()))
     print(f"  ratio T_slowft/T_compute {r['ratio']:.3f}; overlap efficiency max(T_compute, T_io)/T_slowft {r['overlap_efficiency']:.3f}")
     print(f"  per step: read {mb(read)} ({r['read_per_model']:.2f} x model), wrote {mb(written)} "
