@@ -37,13 +37,18 @@ def round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def anonymous_pages(nbytes: int) -> mmap.mmap:
+    """``round_up(nbytes)`` bytes on whole pages, mapped straight from the OS. Private: pages of
+    it let go (heap.release_pages) are freed, where those of a shared mapping (mmap's default)
+    would only leave RSS and stay in memory."""
+    return mmap.mmap(-1, round_up(max(1, nbytes)), flags=mmap.MAP_PRIVATE)
+
+
 def aligned_empty(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of ``round_up(nbytes)`` bytes on whole pages, mapped straight from the OS:
-    aligned for O_DIRECT, and given back whole when freed, where the allocator might keep a
-    block-sized buffer it was handed back in its free lists. Private: pages of it let go
-    (heap.release_pages) are freed, where those of a shared mapping (mmap's default) would
-    only leave RSS and stay in memory."""
-    return torch.frombuffer(mmap.mmap(-1, round_up(max(1, nbytes)), flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
+    """A uint8 tensor on ``anonymous_pages(nbytes)``: aligned for O_DIRECT, and given back whole
+    when freed, where the allocator might keep a block-sized buffer it was handed back in its
+    free lists."""
+    return torch.frombuffer(anonymous_pages(nbytes), dtype=torch.uint8)
 
 
 def borrow(nbytes: int, take: Callable[[int], torch.Tensor | None] | None) -> torch.Tensor:

@@ -1,5 +1,4 @@
 """Prefetch and write-behind: never a stale read, exact byte accounting, residency by budget."""
-import mmap
 import threading
 import time
 import weakref
@@ -9,7 +8,7 @@ import torch
 
 import slowft
 from conftest import open_model
-from slowft.directio import ALIGN, round_up
+from slowft.directio import ALIGN
 from slowft.offload import IOWorker
 
 
@@ -118,7 +117,7 @@ def test_streaming_holds_the_unit_computing_and_one_more(gqa_model, tmp_path, mo
         unit_size = min(model.unit_bytes.values())
 
         def counted(nbytes):  # directio.aligned_empty, keeping count of the unit-sized buffers alive
-            buf = mmap.mmap(-1, round_up(max(1, nbytes)), flags=mmap.MAP_PRIVATE)
+            buf = slowft.directio.anonymous_pages(nbytes)
             if nbytes >= unit_size:
                 with lock:  # (a weak reference to a buffer being freed is already dead)
                     live[:] = [ref for ref in live if ref() is not None] + [weakref.ref(buf)]
