@@ -26,15 +26,20 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
-from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model
-from slowft.offloaded import OffloadedModel, cache_root, check_export_path, open_workdir, pick_device, workdir_path
+from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params
+from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir, pick_device,
+                              workdir_path)
 from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
+from slowft.progress import StepProgress
+from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
+from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
-RUN_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
-                "weight_decay", "dropout", "seed", "compute_dtype")
+RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
+                "weight_decay", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa",
+                "freeze_embeddings", "freeze_head")
 DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
 DEMO_PROMPT = "The keeper of the north light"
 
@@ -49,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reset-workdir", action="store_true", help="discard the work dir's contents and start over")
     ap.add_argument("--resume", action="store_true", help="continue the unfinished run in the work dir")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=32,
+                    help="micro-batches per step: each unit is read and written once per step, so the SSD writes "
+                         "per trained token fall as this grows (tokens per step = this x --batch-size x --seq-len)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 1e-5 for adalite (each tensor moves ~0.3%% of its norm per step), 1e-3 for sgd")
@@ -64,8 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto (mps > cuda > cpu), mps, cuda, cpu")
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--ram-budget", type=parse_size, default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
+    ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="the work dir's weights: bfloat16 halves its size and SSD writes (updates rounded stochastically)")
+    ap.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+                    help="how bfloat16 storage rounds each update: stochastic keeps updates below bf16's resolution "
+                         "(on average), nearest loses them")
+    ap.add_argument("--train-layers", metavar="A-B", help="train only blocks A to B (inclusive, 0-based); the rest is read, never written")
+    ap.add_argument("--freeze-embeddings", action="store_true", help="do not train the token embedding")
+    ap.add_argument("--freeze-head", action="store_true", help="do not train the final norm and output projection")
+    ap.add_argument("--lisa", type=int, default=0, metavar="N",
+                    help="train N blocks per step, sampled anew each step (LISA); the others are frozen for that step")
+    ap.add_argument("--max-ssd-writes", type=lambda t: parse_size(t, "--max-ssd-writes"), default=None, metavar="SIZE",
+                    help="refuse a run projected to write more than this to the SSD, e.g. 2TB")
+    ap.add_argument("--ram-budget", type=lambda t: parse_size(t, "--ram-budget"), default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
     ap.add_argument("--io-depth", type=int, default=1, help="units read ahead (and writes pending) beside the one computing; a read waits for the writes before it")
     ap.add_argument("--prompt", help="print this prompt's continuation before and after training")
     ap.add_argument("--eval-every", type=int, default=0, help="also print it every N steps")
@@ -86,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value, ok, want in [
         ("--steps", a.steps, a.steps > 0, "a positive integer"),
         ("--batch-size", a.batch_size, a.batch_size > 0, "a positive integer"),
+        ("--grad-accum", a.grad_accum, a.grad_accum > 0, "a positive integer"),
+        ("--lisa", a.lisa, a.lisa >= 0, "a positive number of blocks"),
         ("--seq-len", a.seq_len, a.seq_len > 0, "a positive integer"),
         ("--lr", a.lr, 0 < a.lr < math.inf, "a positive number"),
         ("--min-lr", a.min_lr, 0 <= a.min_lr <= a.lr, "a number in [0, --lr]"),
@@ -100,7 +121,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     ]:
         if not ok:
             raise SlowftError(f"{flag} {value}: expected {want}")
+    if a.lisa and a.train_layers:
+        raise SlowftError(f"--lisa {a.lisa} --train-layers {a.train_layers}: LISA samples the blocks itself; expected one of them")
+    if a.train_layers is not None:
+        a.train_layers = parse_layers(a.train_layers)
     return a
+
+
+def parse_layers(text: str) -> str:
+    """'A-B' or 'A' -> the canonical 'A-B' (checked against the model's depth later)."""
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise SlowftError(f"--train-layers {text}: expected a range such as 20-39 (inclusive, 0-based)") from None
+    if not 0 <= a <= b:
+        raise SlowftError(f"--train-layers {text}: expected A-B with 0 <= A <= B")
+    return f"{a}-{b}"
+
+
+def check_layers(a, n_layers: int) -> None:
+    if a.train_layers and int(a.train_layers.split("-")[1]) >= n_layers:
+        raise SlowftError(f"--train-layers {a.train_layers}: the model has layers 0-{n_layers - 1}")
+    if a.lisa > n_layers:
+        raise SlowftError(f"--lisa {a.lisa}: above the model's {n_layers} layers")
+
+
+def step_subset(a, n_layers: int, step: int) -> dict:
+    """model.step's arguments for what the step trains."""
+    if a.lisa:
+        layers = lisa_layers(a.lisa, n_layers, a.seed, step)
+    elif a.train_layers:
+        lo, hi = map(int, a.train_layers.split("-"))
+        layers = list(range(lo, hi + 1))
+    else:
+        layers = None
+    return {"train_layers": layers, "train_embedding": not a.freeze_embeddings, "train_head": not a.freeze_head}
 
 
 def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
@@ -115,7 +171,7 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
         except OSError as e:
             raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
                               "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
-    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--seq-len", 64), ("--lr", 5e-4), ("--min-lr", 1e-4),
+    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", 5e-4), ("--min-lr", 1e-4),
                         ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 20), ("--max-new-tokens", 24),
                         ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
         if flag not in given:
@@ -170,6 +226,11 @@ def main(argv=None) -> int:
     src = MetaSource.open(a.model)
     if a.seq_len > src.args.max_seq_len:
         raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
+    check_layers(a, src.args.n_layers)
+    export_bytes = n_params(src.args) * (DTYPE_NAMES[a.export_dtype] if a.export_dtype else src.dtype).itemsize
+    budget = default_ram_budget(device) if a.ram_budget is None else a.ram_budget
+    WritePlan(Layout.estimate(src.args, DTYPE_NAMES[a.storage_dtype], DTYPE_NAMES[a.compute_dtype], budget), a,
+              export_bytes).check_budget(a.max_ssd_writes)  # before anything is written
     if a.export_shards:  # here, not after a night of training
         check_split(expected_shapes(src.args), src.key_order, a.export_shards, "--export-shards")
     tok = Tokenizer(src.tokenizer)
@@ -215,10 +276,11 @@ def main(argv=None) -> int:
                 store.reset()
         import_model(src, store, DTYPE_NAMES[a.storage_dtype], run={"settings": settings, "finished": False})
 
-        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget, a.io_depth)
-        print(plan_summary(model, a, out))
+        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding)
+        writes = WritePlan(model.layout(), a, export_bytes, model.step_count)
+        print(plan_summary(model, a, out, writes))
         check_disk(model, a, out)
-        return train(model, a, tok, data, out, resumed)
+        return train(model, a, tok, data, out, resumed, writes)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -239,24 +301,59 @@ def rounded(model: OffloadedModel) -> bool:
     return model.meta["storage_dtype"] == "bfloat16" and model.meta["source"]["dtype"] != "bfloat16"
 
 
-def plan_summary(model: OffloadedModel, a, out: Path) -> str:
+class WritePlan:
+    """What the run is projected to write to the SSD, by the step driver's own rules
+    (slowft.plan.projected_writes): per step by kind, per trained token, and for the run, with
+    the exports. With LISA the blocks differ step to step: the mean of the run's first steps."""
+
+    def __init__(self, layout: Layout, a, export_bytes: int, first_step: int = 0):
+        args = layout.args
+        self.steps, self.resident = max(0, a.steps - first_step), False
+        opt = make_optimizer(a.optimizer, a.lr, a.weight_decay)
+        samples = range(first_step, first_step + max(1, min(self.steps, 16 if a.lisa else 1)))
+        per = [projected_writes(layout, opt, plan_step(args.n_layers, a.batch_size * a.grad_accum, a.batch_size,
+                                                       **step_subset(a, args.n_layers, t)), a.seq_len) for t in samples]
+        self.per_step = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
+        self.step_bytes = sum(self.per_step.values())
+        self.resident = self.step_bytes == 0
+        self.units = sum(layout.unit_bytes.values())
+        self.tokens = a.grad_accum * a.batch_size * a.seq_len
+        self.exports = export_bytes * (1 + (self.steps // a.save_every if a.save_every else 0))
+        self.total = self.step_bytes * self.steps + self.exports
+
+    def lines(self) -> list[str]:
+        if self.resident:
+            return [f"SSD     the model stays in RAM: {gb(self.units)} written at each sync (every {SYNC_EVERY_S / 60:.0f} min), "
+                    f"and {gb(self.exports)} of exports"]
+        kinds = ", ".join(f"{k} {gb(v)}" for k, v in self.per_step.items() if v)
+        return [f"SSD     writes ~{gb(self.step_bytes)} per step ({kinds}): {self.step_bytes / self.tokens / 1e6:.2f} MB "
+                f"per trained token; ~{gb(self.total)} for this run with {gb(self.exports)} of exports"]
+
+    def check_budget(self, limit: int | None) -> None:
+        if limit is not None and self.total > limit:
+            raise SlowftError(
+                f"--max-ssd-writes {gb(limit)}: this run is projected to write {gb(self.total)} "
+                f"({self.step_bytes / self.tokens / 1e6:.2f} MB per trained token); bring it under with a larger --grad-accum "
+                "(more tokens per weight write), --storage-dtype bfloat16, --train-layers or --lisa (fewer blocks written), "
+                "or a larger --ram-budget (activations kept in RAM), or fewer --steps")
+
+
+def plan_summary(model: OffloadedModel, a, out: Path, writes: WritePlan) -> str:
     m, args = model, model.args
     units = sum(m.unit_bytes.values())
-    x_bytes = a.batch_size * a.seq_len * args.dim * m.compute_dtype.itemsize
-    m.configure_memory(x_bytes)
-    resident = m.cache.resident
-    spilled = max(0, args.n_layers - m.inputs.budget // max(1, x_bytes))
-    per_step = 0 if resident else units + x_bytes * spilled
-    mode = "all blocks resident in RAM" if resident else (
+    mode = "all blocks resident in RAM" if m.cache.resident else (
         "streaming blocks from SSD " + ("(direct, bypassing the page cache)" if m.store.direct else "(through the page cache, which holds them)"))
+    subset = (f", {a.lisa} sampled blocks a step (LISA)" if a.lisa else f", blocks {a.train_layers} only" if a.train_layers else "") \
+        + (", embedding frozen" if a.freeze_embeddings else "") + (", head frozen" if a.freeze_head else "")
     return "\n".join([
         f"model   {m.meta['source']['path']}: {m.n_params() / 1e6:,.1f}M parameters, {args.n_layers} layers, dim {args.dim}",
         f"workdir {m.store.root} ({gb(units)} of {m.meta['storage_dtype']} weights"
-        + (f", rounded from the source's {m.meta['source']['dtype']})" if rounded(m) else ")"),
+        + (f", rounded from the source's {m.meta['source']['dtype']}" if rounded(m) else "")
+        + (f", updates rounded {a.rounding}" if m.meta["storage_dtype"] == "bfloat16" else "") + ")",
         f"memory  RAM budget {gb(m.ram_budget)}: {mode}; device {m.device}, compute {a.compute_dtype}",
-        f"train   {a.steps} steps x {a.batch_size} x {a.seq_len} tokens, {a.optimizer} lr {a.lr:g} ({a.schedule}), from step {m.step_count}",
-        f"SSD     writes ~{gb(per_step)} per step, ~{gb(per_step * max(0, a.steps - m.step_count))} for this run"
-        + (" (only at syncs and exports)" if resident else ""),
+        f"train   {a.steps} steps x {a.grad_accum} micro-batches x {a.batch_size} x {a.seq_len} tokens "
+        f"({writes.tokens:,} a step), {a.optimizer} lr {a.lr:g} ({a.schedule}){subset}, from step {m.step_count}",
+        *writes.lines(),
         f"out     {out}",
     ])
 
@@ -269,7 +366,7 @@ def check_disk(model: OffloadedModel, a, out: Path) -> None:
     export_bytes = model.n_params() * DTYPE_NAMES[a.export_dtype or model.meta["source"]["dtype"]].itemsize
     x_bytes = a.batch_size * a.seq_len * args.dim * model.compute_dtype.itemsize
     units = model.unit_bytes.values()
-    work_bytes = sum(units) if model.cache.resident else 8 * max(units) + 2 * args.n_layers * x_bytes
+    work_bytes = sum(units) if model.cache.resident else 8 * max(units) + 2 * (args.n_layers + 1) * a.grad_accum * x_bytes
     free_work, free_out = model.store.free_bytes(), os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
     same_disk = os.stat(out).st_dev == os.stat(model.store.root).st_dev
     if same_disk and work_bytes + export_bytes > free_work:
@@ -278,7 +375,7 @@ def check_disk(model: OffloadedModel, a, out: Path) -> None:
         raise SlowftError(f"disk space: work dir needs {gb(work_bytes)} ({gb(free_work)} free), --out needs {gb(export_bytes)} ({gb(free_out)} free)")
 
 
-def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool) -> int:
+def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool, writes: WritePlan) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
     optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
     log = StepLog(out / "metrics.jsonl", resumed)
@@ -299,20 +396,29 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         done = model.step_count
         if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
             save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
+        progress = model.on_progress = StepProgress(model.args.n_layers)
+        steps_run = 0
         for step in range(model.step_count, a.steps):
             optimizer.lr = schedule(step)
-            tokens, targets = data.batch(step, a.batch_size, a.seq_len, a.seed)
+            tokens, targets = data.batch(step, a.batch_size * a.grad_accum, a.seq_len, a.seed)
             io_before, waited, t0 = model.store.stats.snapshot(), model.io.waited, time.perf_counter()
-            loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed)
+            progress.begin(step + 1)
+            loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed, micro_batch_size=a.batch_size,
+                              **step_subset(a, model.args.n_layers, step))
+            progress.clear()
             dt = time.perf_counter() - t0
-            waited, stepping = model.io.waited - waited, stepping + dt
-            io = model.store.stats.delta(model.store.stats.snapshot(), io_before)
+            waited, stepping, steps_run = model.io.waited - waited, stepping + dt, steps_run + 1
+            now = model.store.stats.snapshot()
+            io = model.store.stats.delta(now, io_before)
             first_loss = loss if first_loss is None else first_loss
             read, written = sum(io["read"].values()), sum(io["written"].values())
+            total_written = sum(model.store.stats.delta(now, io_start)["written"].values())
             print(f"step {step + 1:>5}/{a.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}  "
-                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s (SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)}", flush=True)
-            log.write({"step": step + 1, "loss": loss, "lr": optimizer.lr, "tokens_per_s": tokens.numel() / dt,
-                       "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"]})
+                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s (SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} "
+                  f"(run: {gb(total_written)})", flush=True)
+            log.write({"step": step + 1, "loss": loss, "lr": optimizer.lr, "tokens": tokens.numel(), "tokens_per_s": tokens.numel() / dt,
+                       "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
+                       "written_total_bytes": total_written})
             if a.prompt and a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
                 show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {step + 1}")
             if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:
@@ -343,6 +449,10 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
               f"SSD read {gb(read)} ({gb(read / took)}/s: {kinds(total['read'])}), "
               f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run; "
               f"the steps waited for it {model.io.waited - waited_start:.1f} s of {stepping:.1f} s")
+        if not model.cache.resident and steps_run:
+            projected = writes.step_bytes * steps_run
+            print(f"SSD writes: {gb(written)} measured against {gb(projected)} projected for {steps_run} steps "
+                  f"({written / projected - 1:+.1%}), {written / (steps_run * writes.tokens) / 1e6:.2f} MB per trained token")
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
 

@@ -30,14 +30,14 @@ def run(main) -> None:
     sys.exit(code or 0)
 
 
-def parse_size(text: str) -> int:
-    """'8G', '512M', '0' -> bytes (a bare number is GB)."""
+def parse_size(text: str, flag: str = "--ram-budget") -> int:
+    """'8G', '512M', '2TB', '0' -> bytes (a bare number is GB)."""
     t = text.strip().upper().removesuffix("B")
     scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], None)
     try:
         value = float(t[:-1] if scale else t) * (scale or 1e9)
     except ValueError:
-        raise SlowftError(f"--ram-budget {text}: expected a size such as 8G, 512M or 0") from None
+        raise SlowftError(f"{flag} {text}: expected a size such as 8G, 512M, 2TB or 0") from None
     if not 0 <= value < float("inf"):
-        raise SlowftError(f"--ram-budget {text}: expected a size such as 8G, 512M or 0")
+        raise SlowftError(f"{flag} {text}: expected a size such as 8G, 512M, 2TB or 0")
     return int(value)

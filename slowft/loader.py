@@ -86,6 +86,15 @@ def expected_shapes(args: ModelArgs, with_extras: bool = True) -> dict[str, tupl
     return shapes
 
 
+def unit_shapes(args: ModelArgs) -> dict[str, dict[str, tuple[int, ...]]]:
+    """unit -> {name inside the unit: shape} of its weights."""
+    out: dict[str, dict] = {}
+    for key, shape in expected_shapes(args, with_extras=False).items():
+        unit, name = unit_of(key)
+        out.setdefault(unit, {})[name] = shape
+    return out
+
+
 def n_params(args: ModelArgs) -> int:
     """The trained parameters' count (rope.freqs aside)."""
     return sum(torch.Size(s).numel() for s in expected_shapes(args, with_extras=False).values())

@@ -81,7 +81,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- dropout
 
 class SeededDropout:
-    """Dropout whose masks are a pure function of (seed, step, layer, site).
+    """Dropout whose masks are a pure function of (seed, step, micro-batch, layer, site).
 
     The backward pass recomputes each block from its saved input; drawing the masks from a
     generator seeded by that key gives the recompute exactly the forward's masks, on any device,
@@ -91,11 +91,12 @@ class SeededDropout:
     def __init__(self, p: float, seed: int, step: int):
         self.p, self.seed, self.step = p, seed, step
 
-    def key(self, layer: int | str, site: str) -> int:
-        text = f"{self.seed}/{self.step}/{layer}/{site}".encode()
+    def key(self, layer: int | str, site: str, micro: int = 0) -> int:
+        """(A step's first micro-batch keeps the key of a step without micro-batches.)"""
+        text = f"{self.seed}/{self.step}/{layer}/{site}{f'/m{micro}' if micro else ''}".encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
-    def mask(self, shape, device, layer: int | str, site: str) -> torch.Tensor:
+    def mask(self, shape, device, layer: int | str, site: str, micro: int = 0) -> torch.Tensor:
         """Keep-mask already scaled by 1/(1-p), float32."""
         device = torch.device(device)
         try:
@@ -104,16 +105,16 @@ class SeededDropout:
             gen, device_draw = torch.Generator(), torch.device("cpu")
         else:
             device_draw = device
-        gen.manual_seed(self.key(layer, site))
+        gen.manual_seed(self.key(layer, site, micro))
         keep = torch.rand(shape, generator=gen, device=device_draw) >= self.p
         return (keep.float() / (1.0 - self.p)).to(device)
 
-    def apply(self, x: torch.Tensor, layer: int | str, site: str) -> torch.Tensor:
-        return x * self.mask(x.shape, x.device, layer, site).to(x.dtype)
+    def apply(self, x: torch.Tensor, layer: int | str, site: str, micro: int = 0) -> torch.Tensor:
+        return x * self.mask(x.shape, x.device, layer, site, micro).to(x.dtype)
 
-    def at(self, layer: int | str):
-        """The dropout function for one layer: ``drop(x, site)``."""
-        return lambda x, site: self.apply(x, layer, site)
+    def at(self, layer: int | str, micro: int = 0):
+        """The dropout function for one layer and micro-batch: ``drop(x, site)``."""
+        return lambda x, site: self.apply(x, layer, site, micro)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -261,6 +262,8 @@ class Transformer(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose target is not -1."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    """Mean cross-entropy over the positions whose target is >= 0 (-1 here, -100 in torch and
+    Hugging Face: both are left out)."""
+    t = targets.reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.masked_fill(t < 0, -1), ignore_index=-1)
 

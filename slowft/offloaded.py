@@ -15,16 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from . import train
+from . import train, units
 from .errors import SlowftError
 from .loader import (DTYPE_NAMES, MetaSource, check_export_dir, expected_shapes, import_model, meta_key, n_params,
                      write_meta_checkpoint)
+from .activations import Activations
 from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
-from .offload import IOWorker, SavedInputs, UnitCache
+from .plan import Layout, split_budget
 from .progress import progress as progress_of
+from .rounding import generator_for, stochastic
 from .store import FORMAT, Store
+from .streaming import IOWorker, UnitCache
 
 DEVICES = ("auto", "mps", "cuda", "cpu")
+ROUNDINGS = ("stochastic", "nearest")  # how an update is stored in a bf16 work dir
 
 
 def cache_root() -> Path:
@@ -108,7 +112,8 @@ def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = Fal
 
 
 def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
-         ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True) -> "OffloadedModel":
+         ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True,
+         rounding: str = "stochastic") -> "OffloadedModel":
     """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after.
     ``storage_dtype`` "auto": that of an import of this source already there (``workdir``, or
     the cache's), else the source's own where the store keeps it (bf16 for Meta's: exact, and
@@ -136,7 +141,7 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
             print(f"slowft: {store.root} holds fine-tuned weights; re-importing the originals from {src.path}")
             store.reset()
         import_model(src, store, DTYPE_NAMES[storage_dtype], progress=progress)
-        return OffloadedModel(store, dev, compute_dtype, ram_budget)
+        return OffloadedModel(store, dev, compute_dtype, ram_budget, rounding=rounding)
     except BaseException:
         store.close()
         raise
@@ -153,8 +158,10 @@ def use_page_cache(streamed: int, spare: int) -> bool:
 class OffloadedModel:
     def __init__(self, store: Store, device: torch.device, compute_dtype: str = "float32",
                  ram_budget: int | None = None, io_depth: int = 1, io: IOWorker | None = None,
-                 page_cache: str = "auto"):
+                 page_cache: str = "auto", rounding: str = "stochastic"):
         self.store, self.device = store, device
+        if rounding not in ROUNDINGS:
+            raise SlowftError(f"--rounding {rounding}: expected one of {', '.join(ROUNDINGS)}")
         if page_cache not in ("auto", "on", "off"):
             raise ValueError(f"page_cache {page_cache!r}: expected auto, on or off")
         self.page_cache = page_cache
@@ -170,19 +177,21 @@ class OffloadedModel:
         self.sweep: dict | None = journal.get("sweep")
         versions = journal["versions"]
         updated = set(self.backward_order()[: self.sweep["done"]] if self.sweep else [])
-        if any(versions[u] != self.step_count + (u in updated) for u in self.forward_order()):
+        if any(versions[u] > self.step_count + (u in updated) for u in self.forward_order()):  # (frozen units lag)
             raise SlowftError(f"{store.root / 'journal.json'}: unit versions disagree with step {self.step_count}; pass --reset-workdir")
-        store.collect_garbage(versions, {self.sweep["grad"]} if self.sweep else set())
+        self.grad_files: list[str] = (self.sweep.get("grads") or [self.sweep["grad"]]) if self.sweep else []
+        store.collect_garbage(versions, set(self.grad_files))
         self.unit_bytes = {u: store.unit_bytes(u, v) for u, v in versions.items()}
         self.ram_budget = default_ram_budget(device) if ram_budget is None else int(ram_budget)
         self.io = io or IOWorker()
         self.cache = UnitCache(store, self.io, device, versions, self.unit_bytes, self.ram_budget, io_depth)
-        self.inputs = SavedInputs(store, self.io, device, 0)
+        self.activations = Activations(store, self.io, device, 0)
+        self.rounding = rounding
+        self.on_progress = None  # (phase, unit k of n, micro-batch j of K) -> None, e.g. a progress line
         with torch.device("meta"):  # code only: each call passes a unit's tensors
             self._block = TransformerBlock(self.args)
             self._head = Head(self.args)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.grad_file: str | None = self.sweep["grad"] if self.sweep else None
         self.stop_requested = False  # set from a signal handler; honoured between units
         self.broken: str | None = None  # why memory no longer matches any state of the work dir
         self.sync_every_s = train.SYNC_EVERY_S
@@ -192,35 +201,37 @@ class OffloadedModel:
 
     @property
     def layer_units(self) -> list[str]:
-        return [f"layers.{i}" for i in range(self.args.n_layers)]
+        return units.layers(self.args.n_layers)
 
     def forward_order(self) -> list[str]:
-        return ["tok_embeddings", *self.layer_units, "head"]
+        return units.forward_order(self.args.n_layers)
 
     def backward_order(self) -> list[str]:
-        return ["head", *reversed(self.layer_units), "tok_embeddings"]
+        return units.backward_order(self.args.n_layers)
 
     def n_params(self) -> int:
         return n_params(self.args)
 
-    def configure_memory(self, x_bytes: int) -> None:
-        """Splits the RAM budget: all units if they fit (no unit I/O at all), then saved inputs;
-        and decides whether what streams goes through the page cache (``use_page_cache``)."""
+    def configure_memory(self, x_bytes: int, n_micro: int = 1) -> None:
+        """Splits the RAM budget: all units if they fit (no unit I/O at all), then activations
+        (``x_bytes`` per block and micro-batch); and decides whether what streams goes through the
+        page cache (``use_page_cache``)."""
         units = sum(self.unit_bytes.values())
-        inputs = x_bytes * self.args.n_layers
-        if self.ram_budget >= units:
-            unit_budget, input_budget = self.ram_budget, max(0, self.ram_budget - units)
-        else:
-            input_budget = min(self.ram_budget, inputs)
-            unit_budget = self.ram_budget - input_budget
+        inputs = x_bytes * self.args.n_layers * n_micro
+        unit_budget, input_budget = split_budget(self.ram_budget, units, inputs)
         self.cache.set_budget(unit_budget)
-        self.inputs.budget = input_budget
+        self.activations.budget = input_budget
         if self.page_cache == "auto":
             streamed = 0 if self.cache.resident else units - unit_budget + max(0, inputs - input_budget)
             spare = psutil.virtual_memory().available - (self.ram_budget if self.device.type != "cuda" else 0)
             self.store.direct = not use_page_cache(streamed, spare)
         else:
             self.store.direct = self.page_cache == "off"
+
+    def layout(self) -> Layout:
+        """What a projection of the writes needs (slowft.plan): the units' files as they are now."""
+        state = {u: self.store.state_bytes(u, v) for u, v in self.cache.versions.items()}
+        return Layout(self.args, dict(self.unit_bytes), state, self.compute_dtype, self.ram_budget)
 
     def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < start + T:
@@ -232,7 +243,7 @@ class OffloadedModel:
     # -- compute on one unit
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.compute_dtype) for k, v in tensors.items() if not k.startswith("optim.")}
+        return {k: v.to(self.compute_dtype) for k, v in units.weights_of(tensors).items()}
 
     def embed(self, tokens, drop=None):
         """The embedding's rows for ``tokens``, gathered before the conversion to the compute dtype
@@ -272,7 +283,7 @@ class OffloadedModel:
         rope = self.rope(tokens.shape[1], start_pos)
         h = self.embed(tokens)
         for i in range(self.args.n_layers):
-            h = self.run_unit(f"layers.{i}", self.block_fn, h, rope, start_pos, kv[i] if kv else None)
+            h = self.run_unit(units.layer(i), self.block_fn, h, rope, start_pos, kv[i] if kv else None)
         return self.run_unit("head", self.head_fn, h)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -291,18 +302,39 @@ class OffloadedModel:
         if self.broken:
             raise SlowftError(f"{self.store.root}: {self.broken}; open it again (slowft.load) to go on from its last durable state")
 
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0) -> float:
-        """One fused forward, backward and update of every unit; returns the loss."""
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0,
+             micro_batch_size: int | None = None, train_layers=None, train_embedding: bool = True,
+             train_head: bool = True) -> float:
+        """One fused forward, backward and update; returns the loss (the mean over the targets
+        that are >= 0). ``tokens`` and ``targets`` [N, T] run as N / ``micro_batch_size``
+        micro-batches (None: one) through each unit, read and written once. ``train_layers``
+        (block indices; None: all), ``train_embedding`` and ``train_head`` choose what is
+        updated: the rest is read, never written."""
         self.usable()
-        return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed)
+        return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed,
+                                micro_batch_size=micro_batch_size, train_layers=train_layers,
+                                train_embedding=train_embedding, train_head=train_head)
 
-    def commit(self, sweep: dict | None = None, grad: torch.Tensor | None = None) -> None:
+    def writer(self, seed: int, step: int, unit: str):
+        """name -> how the optimizer stores tensor ``name`` of ``unit``: in a bf16 work dir with
+        stochastic rounding, rounded with noise keyed by (seed, step, unit, tensor), so a resumed
+        run rounds as the original did; otherwise to nearest (None)."""
+        if self.rounding != "stochastic" or self.meta["storage_dtype"] != "bfloat16":
+            return lambda name: None
+        return lambda name: stochastic(generator_for(seed, step, unit, name, self.device))
+
+    def progress(self, phase: str, k: int, n: int, j: int, n_micro: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(phase, k, n, j, n_micro)
+
+    def commit(self, sweep: dict | None = None, grads=()) -> None:
         """Queues a journal commit of the current state: at a step boundary (``sweep`` None) or
-        part-way through the step's backward, with the gradient flowing into the next unit."""
-        name = sweep["grad"] if sweep else None
-        self.cache.commit({"step": self.step_count, "sweep": sweep}, grad=(name, grad) if sweep else None,
-                          old_grad=self.grad_file if self.grad_file != name else None)
-        self.grad_file, self.sweep = name, sweep
+        part-way through the step's backward, with the gradients flowing into the next unit
+        (``grads``: (file name, tensor or a function giving it), one per micro-batch)."""
+        names = sweep["grads"] if sweep else []
+        self.cache.commit({"step": self.step_count, "sweep": sweep}, grads=grads,
+                          old_grads=[n for n in self.grad_files if n not in names])
+        self.grad_files, self.sweep = names, sweep
 
     def sync(self) -> None:
         """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
@@ -330,7 +362,7 @@ class OffloadedModel:
         """(Meta key, tensor) for every trained tensor, e.g. to compare against a reference."""
         for unit, tensors in self.units():
             for name, t in tensors.items():
-                if not name.startswith("optim."):
+                if not units.is_state(name):
                     yield meta_key(unit, name), t
 
     def save_llama2(self, out_dir, shards: int | None = None, dtype: str | None = None, progress: bool = True) -> Path:

@@ -8,6 +8,11 @@ The gradient comes as a function of a range of rows, ``rows(a, b)`` -> the gradi
 [vocab, dim] matrix (the head's, the embedding's) nor an update's temporaries ever need to exist
 whole: the head and the embedding build each slice of theirs on demand, and Adalite, which needs
 whole-tensor norms before it can update any row, asks for each slice twice.
+
+Every store into a parameter goes through a ``write`` (slowft.rounding), a chunk of rows at a time
+in order: round-to-nearest by default, or stochastic rounding, under which updates smaller than
+half a bf16 spacing still move bf16 weights (on average) instead of being lost. An fp32 parameter
+is updated with the same arithmetic, bit for bit, whichever the writer.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import math
 from typing import Callable
 
 import torch
+
+from .rounding import Write, nearest
 
 # (a, b) -> the gradient of p[a:b]; its next call may reuse the tensor, so an update is done
 # with one slice before it asks for the next
@@ -51,12 +58,23 @@ class SGD:
         return {}
 
     @torch.no_grad()
-    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int) -> None:
+    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int, *, write: Write | None = None) -> None:
+        write = write or nearest
+        bf16 = p.dtype == torch.bfloat16
         for a, b in row_chunks(p):
+            if bf16:  # the new value in fp32, rounded once, by the writer
+                g = rows(a, b).float()
+                if self.weight_decay:
+                    g = g + self.weight_decay * p[a:b].float()
+                write(p, a, b, p[a:b].float() - self.lr * g)
+                continue
             g = rows(a, b).to(p.dtype)
             if self.weight_decay:
                 g = g.add(p[a:b], alpha=self.weight_decay)
-            p[a:b].add_(g, alpha=-self.lr)
+            if write is nearest:  # (in place: no temporary)
+                p[a:b].add_(g, alpha=-self.lr)
+            else:
+                write(p, a, b, torch.add(p[a:b], g, alpha=-self.lr))  # add_'s arithmetic, out of place
 
 
 class Adalite:
@@ -85,7 +103,8 @@ class Adalite:
         return {"v": torch.zeros(p.shape, device=p.device, dtype=torch.float32)}
 
     @torch.no_grad()
-    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int) -> None:
+    def update(self, p: torch.Tensor, rows: Rows, state: dict, t: int, *, write: Write | None = None) -> None:
+        write = write or nearest
         matrix = p.dim() == 2
         old = state["c"] if matrix else state["v"]
         beta = 1.0 - t ** (-self.beta_decay)
@@ -123,7 +142,7 @@ class Adalite:
             pf = p[a:b].float()
             m = m / clip * ratio
             m += lam * (pf - pf / p_div)
-            p[a:b].copy_(pf - self.lr * m)
+            write(p, a, b, pf - self.lr * m)
         if matrix:
             old.copy_(c_sum / p.shape[0])
 

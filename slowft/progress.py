@@ -35,3 +35,50 @@ def progress(total: int, desc: str, initial: int = 0, enabled: bool = True, leav
     if enabled and not sys.stderr.isatty():
         return _LogLines(total, desc, initial)
     return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, leave=leave, disable=not enabled)
+
+
+class StepProgress:
+    """Where a long step is: phase, unit k of n, micro-batch j of K, and the step's ETA, from the
+    share of its work done (a backward unit costs about three forward ones: recompute, then
+    backpropagate). Redrawn in place on a terminal, a line every 30 s in a log file."""
+
+    def __init__(self, n_layers: int, stream=None):
+        self.n_layers, self.stream = n_layers, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def begin(self, step: int) -> None:
+        self.step, self.start = step, time.monotonic()
+
+    def __call__(self, phase: str, k: int, n: int, j: int, n_micro: int) -> None:
+        now = time.monotonic()
+        if now - self.last < (0.5 if self.tty else LOG_EVERY_S):
+            return
+        self.last = now
+        fwd = self.n_layers + 1
+        done = (k * n_micro + j) * (1 if phase == "forward" else 3) + (0 if phase == "forward" else fwd * n_micro)
+        n_bwd = n if phase == "backward" else self.n_layers + 2
+        total = fwd * n_micro + 3 * n_bwd * n_micro
+        share = min(1.0, done / max(1, total))
+        eta = (now - self.start) * (1 - share) / share if share > 0 else float("nan")
+        text = (f"step {self.step}: {phase} unit {k + 1}/{n}, micro-batch {j + 1}/{n_micro}, "
+                f"{share:.0%}, step ETA {_duration(eta)}")
+        if self.tty:
+            print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
+            self.shown = True
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Before the step's own line: the progress line goes."""
+        if self.shown:
+            print("\r\x1b[K", end="", file=self.stream, flush=True)
+            self.shown = False
+
+
+def _duration(s: float) -> str:
+    if s != s:  # nan
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -44,6 +44,7 @@ from . import faults
 from .atomic import fsync_dir, write_bytes_atomic
 from .directio import ALIGN, aligned_empty, borrow, read_file, round_up, write_file_atomic
 from .errors import SlowftError
+from .units import is_state
 
 FORMAT = 1
 MARKER = "SLOWFT_WORKDIR"
@@ -203,7 +204,7 @@ class IOStats:
 
 
 def _nbytes(tensors: dict[str, torch.Tensor], optim: bool) -> int:
-    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("optim.") == optim)
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if is_state(k) == optim)
 
 
 # ----------------------------------------------------------------------------- the work directory
@@ -363,6 +364,13 @@ class Store:
 
     def unit_bytes(self, unit: str, version: int) -> int:
         return self.unit_path(unit, version).stat().st_size
+
+    def state_bytes(self, unit: str, version: int) -> int:
+        """Bytes of optimizer state in a unit's file, from its header alone."""
+        with open(self.unit_path(unit, version), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        return sum(e - b for k, v in header.items() if is_state(k) for b, e in [v["data_offsets"]])
 
     # -- scratch: saved inputs and journaled gradients
 

@@ -66,7 +66,7 @@ ADALITE_PATHS = ["streaming", "head-gradient-accumulated", "updates-in-chunks-of
 
 def set_path(monkeypatch, logits_chunk=None, update_chunk=None, **_):
     if logits_chunk:
-        monkeypatch.setattr(slowft.train, "LOGITS_CHUNK_BYTES", 4 * 512 * logits_chunk)
+        monkeypatch.setattr(slowft.fused, "LOGITS_CHUNK_BYTES", 4 * 512 * logits_chunk)
     if update_chunk:
         monkeypatch.setattr(slowft.optim, "CHUNK_BYTES", update_chunk)
 

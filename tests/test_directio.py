@@ -100,7 +100,7 @@ def test_page_cache_only_where_it_holds_what_streams():
 def test_pack_lays_out_a_gpu_units_host_copy_as_its_file(tmp_path, monkeypatch):
     """The copy-out of a unit computed on a GPU: pack() fills one recycled host buffer laid out as
     the file, which is then written without another copy and lent back to the pool."""
-    from slowft.offload import BufferPool
+    from slowft.streaming import BufferPool
     from slowft.store import pack
 
     tensors = {"attention.wq.weight": torch.randn(64, 48), "attention_norm.weight": torch.randn(48).to(torch.bfloat16)}

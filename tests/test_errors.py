@@ -42,7 +42,7 @@ def fails(capsys, tmp_path):
 
 
 def train_args(model, tmp_path, *more):
-    return [model, "--out", tmp_path / "out", "--workdir", tmp_path / "w", "--steps", 1, *more]
+    return [model, "--out", tmp_path / "out", "--workdir", tmp_path / "w", "--steps", 1, "--grad-accum", 1, *more]
 
 
 def test_missing_or_malformed_params(good, broken, tmp_path, fails):
@@ -191,7 +191,7 @@ def test_workdir_of_another_model_and_resume_without_run(good, tiny, tmp_path, f
     other = tiny(dim=64, layers=3, heads=4, shards=1)
     msg = fails(finetune.main, *train_args(other, tmp_path), source=other)
     assert "work dir belongs to" in msg and "--reset-workdir" in msg
-    assert "--resume" in fails(finetune.main, *train_args(good, tmp_path, "--resume"), source=good)
+    assert "--resume" in fails(finetune.main, *train_args(good, tmp_path, "--resume", "--storage-dtype", "float32"), source=good)
 
 
 def test_unfinished_run_with_other_settings(good, tmp_path, fails):
@@ -230,3 +230,21 @@ def test_tiny_models_only_in_shapes_the_loader_takes(tmp_path, kw, message):
     with pytest.raises(SlowftError, match=message):
         make_tiny(tmp_path / "m", **kw)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails):
+    """Each one line, exit 2, and nothing written: no work dir, no --out folder."""
+    for flags, message in [(["--grad-accum", 0], "--grad-accum 0: expected a positive integer"),
+                           (["--train-layers", "5-2"], "--train-layers 5-2: expected A-B with 0 <= A <= B"),
+                           (["--train-layers", "x"], "--train-layers x: expected a range"),
+                           (["--train-layers", "1-2"], "--train-layers 1-2: the model has layers 0-1"),
+                           (["--lisa", 3], "--lisa 3: above the model's 2 layers"),
+                           (["--lisa", 1, "--train-layers", "0-1"], "LISA samples the blocks itself"),
+                           (["--max-ssd-writes", "banana"], "--max-ssd-writes banana: expected a size"),
+                           (["--max-ssd-writes", "1M", "--steps", 50, "--ram-budget", 0],
+                            "--max-ssd-writes 1.00 MB: this run is projected to write")]:
+        msg = fails(finetune.main, *train_args(good, tmp_path, *flags), source=good)
+        assert message in msg, msg
+        assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists(), flags
+    # the levers that would bring it under are named
+    assert all(lever in msg for lever in ("--grad-accum", "--storage-dtype", "--train-layers", "--lisa", "--ram-budget"))

@@ -17,7 +17,7 @@ def test_finetune_learns_and_exports(tiny, tmp_path):
     src = tiny(dim=128, layers=4, heads=4, kv_heads=2, shards=2)
     before = tree_hash(src)
     out = tmp_path / "run"
-    r = run_script("finetune.py", src, "--steps", 30, "--batch-size", 16, "--seq-len", 64, "--lr", 5e-4,
+    r = run_script("finetune.py", src, "--steps", 30, "--batch-size", 16, "--grad-accum", 1, "--seq-len", 64, "--lr", 5e-4,
                    "--schedule", "constant", "--device", "cpu", "--ram-budget", 0, "--out", out,
                    "--workdir", tmp_path / "w", "--prompt", PROMPT, "--max-new-tokens", 16)
     assert r.returncode == 0, r.stderr

@@ -35,7 +35,7 @@ def test_a_buffer_lent_for_less_gives_back_its_unused_pages():
     what the unit needs are freed (they leave RSS, and their contents are gone: a shared mapping's
     would only leave RSS and stay in memory); those it needs keep their contents."""
     from slowft.directio import aligned_empty
-    from slowft.offload import BufferPool
+    from slowft.streaming import BufferPool
 
     big = aligned_empty(64 << 20)
     big.fill_(7)

@@ -13,7 +13,7 @@ from conftest import run_script, tree_hash
 from slowft.store import read_safetensors
 from test_loader import bits
 
-TRAIN = ["--steps", 8, "--batch-size", 2, "--seq-len", 16, "--optimizer", "adalite", "--lr", 1e-3,
+TRAIN = ["--steps", 8, "--batch-size", 2, "--grad-accum", 1, "--seq-len", 16, "--optimizer", "adalite", "--lr", 1e-3,
          "--dropout", 0.1, "--seed", 5, "--device", "cpu", "--save-every", 3]
 
 
@@ -66,6 +66,27 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(src, reference, tmp_path)
     assert tree_hash(src) == before
     leftovers = [p.name for p in (tmp_path / "w" / "units").iterdir() if not p.name.endswith(".v000008.safetensors")]
     assert not leftovers and not list((tmp_path / "w" / "scratch").iterdir())
+
+
+ACCUM = ["--steps", 4, "--batch-size", 1, "--grad-accum", 3, "--seq-len", 16, "--optimizer", "adalite", "--lr", 1e-3,
+         "--dropout", 0.1, "--seed", 5, "--device", "cpu", "--lisa", 2, "--save-every", 3]
+
+
+def test_sigkill_inside_accumulated_steps_is_bit_identical(src, tmp_path):
+    """Three micro-batches a step, two LISA blocks, dropout, bf16 storage with stochastic rounding:
+    killed between micro-batches, while spilling activations and gradients, between commits."""
+    ref = tmp_path / "ref"
+    r = run_script("finetune.py", src, *ACCUM, "--ram-budget", 0, "--out", ref / "out", "--workdir", ref / "w")
+    assert r.returncode == 0, r.stderr
+    args = [src, *ACCUM, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    for i, fault in enumerate(["forward_block:2:kill", "backward_micro:4:kill", "scratch_write_data:9:kill",
+                               "backward_micro:8:kill", "journal:3:kill", "backward_unit:6:kill", "unit_write_data:3:kill"]):
+        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
+        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    assert not list((tmp_path / "w" / "scratch").iterdir())
 
 
 def test_sigkill_with_everything_resident_is_bit_identical(src, reference, tmp_path):

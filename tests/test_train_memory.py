@@ -10,13 +10,13 @@ from torch.utils._pytree import tree_leaves
 
 import slowft
 from conftest import PEAK_RSS, open_model, run_script
-from slowft.offload import IOWorker
+from slowft.streaming import IOWorker
 
 
 def peak_rss_training(src, workdir) -> tuple[int, int]:
     code = PEAK_RSS + textwrap.dedent(f"""
         import torch, slowft
-        from slowft.offload import IOWorker
+        from slowft.streaming import IOWorker
         from slowft.offloaded import OffloadedModel
         slowft.load({str(src)!r}, workdir={str(workdir)!r}, device="cpu", progress=False).close()
         store = slowft.store.Store({str(workdir)!r})
@@ -103,13 +103,13 @@ def test_sgd_takes_a_block_matrix_gradient_a_slice_at_a_time(gqa_model, tmp_path
     def spy(cls):
         update = cls.update
 
-        def spied(self, p, rows, state, t):
+        def spied(self, p, rows, state, t, **kw):
             def watched(a, b):
                 g = rows(a, b)
                 seen.setdefault((cls.name, tuple(p.shape)), []).append(g.untyped_storage().nbytes())
                 return g
 
-            return update(self, p, watched, state, t)
+            return update(self, p, watched, state, t, **kw)
 
         monkeypatch.setattr(cls, "update", spied)
 

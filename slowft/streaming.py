@@ -387,9 +387,11 @@ class UnitCache:
 
     # -- durability
 
-    def commit(self, journal: dict, grad: tuple[str, torch.Tensor] | None = None, old_grad: str | None = None) -> Future:
-        """Writes dirty units and ``grad``, then ``journal`` naming the new versions, then deletes
-        what it superseded; the last three on the writer thread, after the unit writes they name."""
+    def commit(self, journal: dict, grads=(), old_grads=()) -> Future:
+        """Writes dirty units and ``grads`` ((name, the tensor, a function giving it, or the
+        Future of its write under that name already queued); then ``journal`` naming the
+        new versions, then deletes what it superseded; the last three on the writer thread,
+        after the unit writes they name."""
         for unit, entry in self.entries.items():
             if entry.dirty:
                 self._throttle()
@@ -397,8 +399,17 @@ class UnitCache:
                 entry.dirty = False
         deps = list(self._uncommitted)
         self._uncommitted.clear()
-        if grad is not None:
-            deps.append(self.io.submit(self.store.write_scratch, grad[0], grad[1].detach().cpu(), "grads", write=True))
+        last = None
+        for name, grad in grads:
+            if isinstance(grad, Future):  # already being written under this name
+                deps.append(grad)
+                continue
+            if callable(grad) and last is not None:  # read back: one at a time in memory
+                self.io.wait(last)
+            g = grad() if callable(grad) else grad
+            last = self.io.submit(self.store.write_scratch, name, g.detach().cpu(), "grads", write=True)
+            deps.append(last)
+            del g
         versions = dict(self.versions)
         superseded = {u: v for u, v in self.durable.items() if v != versions[u]}
         self.durable = versions
@@ -409,58 +420,11 @@ class UnitCache:
             self.store.write_journal({**journal, "versions": versions})
             for u, v in superseded.items():  # only now that the journal no longer names them
                 self.io.tidy(self.store.retire_unit, u, v, versions[u])
-            if old_grad:
-                self.io.tidy(self.store.retire_scratch, old_grad)
+            for name in old_grads:
+                self.io.tidy(self.store.retire_scratch, name)
 
         return self.io.submit(finish, write=True)
 
     @property
     def dirty(self) -> bool:
         return any(e.dirty for e in self.entries.values())
-
-
-class SavedInputs:
-    """Each block's input from the forward, for its recompute in the backward.
-
-    The last ones are needed first, so those stay in memory while they fit the budget; earlier
-    ones spill to scratch files and are read back one block ahead of the backward.
-    """
-
-    def __init__(self, store: Store, io: IOWorker, device: torch.device, budget: int):
-        self.store, self.io, self.device, self.budget = store, io, device, budget
-        self.kept: dict[int, torch.Tensor] = {}
-        self.spilled: dict[int, Future] = {}
-        self.reading: dict[int, Future] = {}
-        self.first_kept = 0
-
-    def start(self, n_blocks: int, x_bytes: int) -> None:
-        self.clear()
-        fit = self.budget // max(1, x_bytes)
-        self.first_kept = max(0, n_blocks - fit)
-
-    def save(self, i: int, x: torch.Tensor) -> None:
-        if i >= self.first_kept:
-            self.kept[i] = x
-        else:
-            self.spilled[i] = self.io.submit(self.store.write_scratch, f"input.{i}", x.detach().cpu(), "inputs", write=True)
-
-    def prefetch(self, i: int) -> None:
-        if i in self.spilled and i not in self.reading:
-            def read():
-                x = self.store.read_scratch(f"input.{i}", "inputs")
-                self.store.retire_scratch(f"input.{i}")  # here, not tidied later: the next step reuses the name
-                return x
-
-            self.reading[i] = self.io.submit(read, after=[self.spilled[i]])
-
-    def load(self, i: int) -> torch.Tensor:
-        if i in self.kept:
-            return self.kept.pop(i)
-        self.prefetch(i)
-        self.spilled.pop(i)
-        return self.io.wait(self.reading.pop(i)).result().to(self.device)
-
-    def clear(self) -> None:
-        self.kept.clear()
-        self.spilled.clear()
-        self.reading.clear()

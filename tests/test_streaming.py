@@ -9,7 +9,7 @@ import torch
 import slowft
 from conftest import open_model
 from slowft.directio import ALIGN
-from slowft.offload import IOWorker
+from slowft.streaming import IOWorker
 
 
 def batch(vocab=512, B=2, T=16):
