@@ -4,9 +4,11 @@
     python finetune.py path/to/llama-2-13b --data notes.txt     # your model, your text
     python finetune.py --demo                                   # a tiny model made on the fly (~1 min)
 
-The recipe, top to bottom: check the command line (cheap checks first, so mistakes surface in
-the first second) -> open the work dir (import the model, or resume an unfinished run) -> train
-step by step, logging each step -> export the result in Meta's format to --out.
+The recipe, top to bottom: parse_args (the command line) -> check_inputs (the model folder, the
+data, --out and the projected SSD writes: mistakes surface in the first second, before anything
+is written) -> start_or_resume (import the model into the work dir, or resume an unfinished
+run) -> plan_summary -> train (step by step, each logged; RunMeter) -> finish (export in Meta's
+format to --out).
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
@@ -30,8 +35,8 @@ from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes,
 from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir, pick_device,
                               workdir_path)
 from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
-from slowft.progress import StepProgress
 from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
+from slowft.progress import StepProgress
 from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
@@ -44,7 +49,7 @@ DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
 DEMO_PROMPT = "The keeper of the north light"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.")
     ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
@@ -92,7 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=int, default=0, help="export a checkpoint to <out>/checkpoints every N steps")
     ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
     ap.add_argument("--export-shards", type=int, default=None, help="default: the source's shard count")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked flag by flag (what needs the model, in check_inputs)."""
+    a = build_parser().parse_args(argv)
     if a.demo and a.model is not None:
         raise SlowftError(f"--demo: trains a tiny model it makes itself; expected no model folder (got {a.model})")
     if a.resume and a.reset_workdir:
@@ -218,10 +228,48 @@ def resume_command() -> str:
     return " ".join(shlex.quote(x) for x in [Path(sys.executable).name, sys.argv[0], *args])
 
 
+@dataclass
+class Inputs:
+    """What the cheap checks found: the device, the model folder, its tokenizer, the data, --out."""
+
+    device: torch.device
+    src: MetaSource
+    tok: Tokenizer
+    data: TokenData
+    out: Path
+    export_bytes: int
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    i = check_inputs(a)
+    store = open_workdir(i.src, a.workdir, a.storage_dtype, a.reset_workdir)
+    model = None
+    try:
+        resumed = start_or_resume(store, a, i)
+        model = OffloadedModel(store, i.device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding)
+        writes = WritePlan(model.layout(), a, i.export_bytes, model.step_count)
+        print(plan_summary(model, a, i.out, writes))
+        check_disk(model, a, i.out)
+        return train(model, a, i.tok, i.data, i.out, resumed, writes)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SlowftError(
+            f"{store.root}: disk full while writing; nothing was lost. Free some space, then run: {resume_command()}"
+        ) from None
+    finally:
+        if model is not None:
+            try:
+                model.close()
+            except OSError:
+                pass
+        store.close()
 
-    # 1. cheap checks: device, model folder, data, output folder
+
+def check_inputs(a) -> Inputs:
+    """Everything that can be checked before anything is written: a mistake fails in the first
+    second, not after an hour of importing. Only --out is created (and probed)."""
     device = pick_device(a.device)
     src = MetaSource.open(a.model)
     if a.seq_len > src.args.max_seq_len:
@@ -230,7 +278,7 @@ def main(argv=None) -> int:
     export_bytes = n_params(src.args) * (DTYPE_NAMES[a.export_dtype] if a.export_dtype else src.dtype).itemsize
     budget = default_ram_budget(device) if a.ram_budget is None else a.ram_budget
     WritePlan(Layout.estimate(src.args, DTYPE_NAMES[a.storage_dtype], DTYPE_NAMES[a.compute_dtype], budget), a,
-              export_bytes).check_budget(a.max_ssd_writes)  # before anything is written
+              export_bytes).check_budget(a.max_ssd_writes)
     if a.export_shards:  # here, not after a night of training
         check_split(expected_shapes(src.args), src.key_order, a.export_shards, "--export-shards")
     tok = Tokenizer(src.tokenizer)
@@ -249,51 +297,33 @@ def main(argv=None) -> int:
         probe.unlink()
     except OSError as e:
         raise SlowftError(f"--out {out}: not writable ({e.strerror}); expected a writable folder") from None
+    return Inputs(device, src, tok, data, out, export_bytes)
 
-    # 2. the work dir: resume an unfinished run with the same settings, or import afresh
+
+def start_or_resume(store, a, i: Inputs) -> bool:
+    """Resumes the work dir's unfinished run if its settings are these, else imports afresh.
+    Returns whether it resumed."""
     settings = {k: getattr(a, k) for k in RUN_SETTINGS}
-    settings["data"] = data.fingerprint()
-    store = open_workdir(src, a.workdir, a.storage_dtype, a.reset_workdir)
-    model = None
-    try:
-        meta = store.read_json("meta.json") or {}
-        previous = meta.get("run")
-        if previous and not previous.get("finished"):
-            for k in ["data", *RUN_SETTINGS]:
-                if previous["settings"].get(k) != settings[k]:
-                    raise SlowftError(
-                        f"{store.root}: holds an unfinished run with {k} = {previous['settings'].get(k)} (now {settings[k]}); "
-                        "repeat that run's command to resume it, or pass --reset-workdir to start over"
-                    )
-            print(f"resuming the unfinished run in {store.root}")
-            resumed = True
-        else:
-            resumed = False
-            if a.resume:
-                raise SlowftError(f"--resume: {store.root} holds no unfinished run; run without --resume to start one")
-            if previous:
-                print(f"{store.root} holds an earlier run's weights; re-importing the originals")
-                store.reset()
-        import_model(src, store, DTYPE_NAMES[a.storage_dtype], run={"settings": settings, "finished": False})
-
-        model = OffloadedModel(store, device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding)
-        writes = WritePlan(model.layout(), a, export_bytes, model.step_count)
-        print(plan_summary(model, a, out, writes))
-        check_disk(model, a, out)
-        return train(model, a, tok, data, out, resumed, writes)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise SlowftError(
-            f"{store.root}: disk full while writing; nothing was lost. Free some space, then run: {resume_command()}"
-        ) from None
-    finally:
-        if model is not None:
-            try:
-                model.close()
-            except OSError:
-                pass
-        store.close()
+    settings["data"] = i.data.fingerprint()
+    meta = store.read_json("meta.json") or {}
+    previous = meta.get("run")
+    resumed = bool(previous and not previous.get("finished"))
+    if resumed:
+        for k in ["data", *RUN_SETTINGS]:
+            if previous["settings"].get(k) != settings[k]:
+                raise SlowftError(
+                    f"{store.root}: holds an unfinished run with {k} = {previous['settings'].get(k)} (now {settings[k]}); "
+                    "repeat that run's command to resume it, or pass --reset-workdir to start over"
+                )
+        print(f"resuming the unfinished run in {store.root}")
+    else:
+        if a.resume:
+            raise SlowftError(f"--resume: {store.root} holds no unfinished run; run without --resume to start one")
+        if previous:
+            print(f"{store.root} holds an earlier run's weights; re-importing the originals")
+            store.reset()
+    import_model(i.src, store, DTYPE_NAMES[a.storage_dtype], run={"settings": settings, "finished": False})
+    return resumed
 
 
 def rounded(model: OffloadedModel) -> bool:
@@ -375,11 +405,55 @@ def check_disk(model: OffloadedModel, a, out: Path) -> None:
         raise SlowftError(f"disk space: work dir needs {gb(work_bytes)} ({gb(free_work)} free), --out needs {gb(export_bytes)} ({gb(free_out)} free)")
 
 
-def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool, writes: WritePlan) -> int:
-    schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
-    optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
-    log = StepLog(out / "metrics.jsonl", resumed)
+class RunMeter:
+    """What the run has done: steps, time, bytes moved (the store's counters) and losses; each
+    step's line and metrics.jsonl record, and the summary at the end, where the bytes written
+    are set against the projection."""
 
+    def __init__(self, model: OffloadedModel, a, log: StepLog, writes: WritePlan):
+        self.model, self.a, self.log, self.writes = model, a, log, writes
+        self.started, self.io_start, self.waited_start = time.perf_counter(), model.store.stats.snapshot(), model.io.waited
+        self.io_before = self.io_start
+        self.stepping, self.steps_run, self.first_loss, self.loss = 0.0, 0, None, None
+
+    def begin(self) -> None:
+        self.wait_before, self.t0 = self.model.io.waited, time.perf_counter()
+
+    def end(self, step: int, loss: float, lr: float, n_tokens: int) -> None:
+        m, stats = self.model, self.model.store.stats
+        dt = time.perf_counter() - self.t0
+        waited = m.io.waited - self.wait_before
+        self.stepping, self.steps_run, self.loss = self.stepping + dt, self.steps_run + 1, loss
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        now = stats.snapshot()  # bytes since the last step's line: write-behind finishing between steps counts too
+        io, self.io_before = stats.delta(now, self.io_before), now
+        read, written = sum(io["read"].values()), sum(io["written"].values())
+        total_written = sum(stats.delta(now, self.io_start)["written"].values())
+        print(f"step {step:>5}/{self.a.steps}  loss {loss:.4f}  lr {lr:.2e}  {n_tokens / dt:,.0f} tok/s  {dt:.2f} s "
+              f"(SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} (run: {gb(total_written)})", flush=True)
+        self.log.write({"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_per_s": n_tokens / dt,
+                        "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
+                        "written_total_bytes": total_written})
+
+    def summary(self) -> None:
+        if self.loss is None:
+            return
+        m, took = self.model, time.perf_counter() - self.started
+        total = m.store.stats.delta(m.store.stats.snapshot(), self.io_start)
+        read, written = sum(total["read"].values()), sum(total["written"].values())
+        kinds = lambda d: ", ".join(f"{k} {gb(v)}" for k, v in d.items() if v)  # noqa: E731
+        print(f"done: loss {self.first_loss:.4f} -> {self.loss:.4f} in {took:.0f} s\n"
+              f"SSD read {gb(read)} ({gb(read / took)}/s: {kinds(total['read'])}), "
+              f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run; "
+              f"the steps waited for it {m.io.waited - self.waited_start:.1f} s of {self.stepping:.1f} s")
+        if not self.writes.resident:
+            projected = self.writes.step_bytes * self.steps_run
+            print(f"SSD writes: {gb(written)} measured against {gb(projected)} projected for {self.steps_run} steps "
+                  f"({written / projected - 1:+.1%}), {written / (self.steps_run * self.writes.tokens) / 1e6:.2f} MB per trained token")
+
+
+def stop_on_signals(model: OffloadedModel) -> None:
+    """Ctrl-C or SIGTERM: finish the block in hand, commit, exit 130; a second one aborts at once."""
     def on_signal(signum, frame):
         if model.stop_requested:
             raise KeyboardInterrupt
@@ -388,51 +462,31 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+
+def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool, writes: WritePlan) -> int:
+    schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
+    optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
+    meter = RunMeter(model, a, StepLog(out / "metrics.jsonl", resumed), writes)
+    progress = model.on_progress = StepProgress(model.args.n_layers)
+    stop_on_signals(model)
     try:
         if a.prompt and model.step_count == 0:
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
-        started, first_loss, loss = time.perf_counter(), None, None
-        io_start, waited_start, stepping = model.store.stats.snapshot(), model.io.waited, 0.0
         done = model.step_count
         if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
             save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
-        progress = model.on_progress = StepProgress(model.args.n_layers)
-        steps_run = 0
         for step in range(model.step_count, a.steps):
             optimizer.lr = schedule(step)
             tokens, targets = data.batch(step, a.batch_size * a.grad_accum, a.seq_len, a.seed)
-            io_before, waited, t0 = model.store.stats.snapshot(), model.io.waited, time.perf_counter()
+            meter.begin()
             progress.begin(step + 1)
             loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed, micro_batch_size=a.batch_size,
                               **step_subset(a, model.args.n_layers, step))
             progress.clear()
-            dt = time.perf_counter() - t0
-            waited, stepping, steps_run = model.io.waited - waited, stepping + dt, steps_run + 1
-            now = model.store.stats.snapshot()
-            io = model.store.stats.delta(now, io_before)
-            first_loss = loss if first_loss is None else first_loss
-            read, written = sum(io["read"].values()), sum(io["written"].values())
-            total_written = sum(model.store.stats.delta(now, io_start)["written"].values())
-            print(f"step {step + 1:>5}/{a.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}  "
-                  f"{tokens.numel() / dt:,.0f} tok/s  {dt:.2f} s (SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} "
-                  f"(run: {gb(total_written)})", flush=True)
-            log.write({"step": step + 1, "loss": loss, "lr": optimizer.lr, "tokens": tokens.numel(), "tokens_per_s": tokens.numel() / dt,
-                       "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
-                       "written_total_bytes": total_written})
-            if a.prompt and a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
-                show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {step + 1}")
-            if a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:
-                save_checkpoint(model, a, out, step + 1)
-            if model.stop_requested:
-                model.sync()
-                raise Interrupted(f"stopped after step {step + 1}")
-        model.sync()
-        if a.prompt:
-            show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
-        final = export(model, a, out / "model")
-        meta = model.store.read_json("meta.json")
-        meta["run"]["finished"] = True
-        model.store.write_json("meta.json", meta)
+            meter.end(step + 1, loss, optimizer.lr, tokens.numel())
+            between_steps(model, a, tok, out, step + 1)
+        final = finish(model, a, tok, out)
     except Interrupted as e:
         print(f"{e}; the work dir is consistent. Resume with:\n  {resume_command()}", file=sys.stderr)
         return 130
@@ -440,21 +494,32 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         print(f"error: {e}. The work dir keeps the last good weights; to start over with other settings, "
               "add --reset-workdir.", file=sys.stderr)
         return 3
-    total = model.store.stats.delta(model.store.stats.snapshot(), io_start)
-    took = time.perf_counter() - started
-    if loss is not None:
-        read, written = sum(total["read"].values()), sum(total["written"].values())
-        kinds = lambda d: ", ".join(f"{k} {gb(v)}" for k, v in d.items() if v)  # noqa: E731
-        print(f"done: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s\n"
-              f"SSD read {gb(read)} ({gb(read / took)}/s: {kinds(total['read'])}), "
-              f"wrote {gb(written)} ({gb(written / took)}/s: {kinds(total['written'])}) in this run; "
-              f"the steps waited for it {model.io.waited - waited_start:.1f} s of {stepping:.1f} s")
-        if not model.cache.resident and steps_run:
-            projected = writes.step_bytes * steps_run
-            print(f"SSD writes: {gb(written)} measured against {gb(projected)} projected for {steps_run} steps "
-                  f"({written / projected - 1:+.1%}), {written / (steps_run * writes.tokens) / 1e6:.2f} MB per trained token")
+    meter.summary()
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
+
+
+def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int) -> None:
+    """After step ``done``: the prompt's continuation, a checkpoint, or a requested stop."""
+    if a.prompt and a.eval_every and done % a.eval_every == 0 and done < a.steps:
+        show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {done}")
+    if a.save_every and done % a.save_every == 0 and done < a.steps:
+        save_checkpoint(model, a, out, done)
+    if model.stop_requested:
+        model.sync()
+        raise Interrupted(f"stopped after step {done}")
+
+
+def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path) -> Path:
+    """The weights made durable, the last continuation, the export, and the run marked finished."""
+    model.sync()
+    if a.prompt:
+        show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
+    final = export(model, a, out / "model")
+    meta = model.store.read_json("meta.json")
+    meta["run"]["finished"] = True
+    model.store.write_json("meta.json", meta)
+    return final
 
 
 def export(model: OffloadedModel, a, path: Path) -> Path:

@@ -32,6 +32,7 @@ from .model import ModelArgs
 from .progress import progress as progress_of
 from .store import FORMAT, Store, empty_packed
 from .tokenizer import Tokenizer
+from .units import EMBEDDING, HEAD, LAYER, is_layer, is_state, layer
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -55,18 +56,18 @@ def split_dim(key: str) -> int | None:
 
 def unit_of(key: str) -> tuple[str | None, str]:
     """Meta key -> (unit, name inside the unit); unit None for untrained extras like rope.freqs."""
-    if key.startswith("layers."):
+    if key.startswith(LAYER):  # Meta's keys and the units share the block's prefix
         _, i, rest = key.split(".", 2)
-        return f"layers.{int(i)}", rest
+        return layer(int(i)), rest
     if key == "tok_embeddings.weight":
-        return "tok_embeddings", "weight"
+        return EMBEDDING, "weight"
     if key in ("norm.weight", "output.weight"):
-        return "head", key
+        return HEAD, key
     return None, key
 
 
 def meta_key(unit: str, name: str) -> str:
-    return f"{unit}.{name}" if unit.startswith("layers.") or unit == "tok_embeddings" else name
+    return f"{unit}.{name}" if is_layer(unit) or unit == EMBEDDING else name
 
 
 def expected_shapes(args: ModelArgs, with_extras: bool = True) -> dict[str, tuple[int, ...]]:
@@ -423,7 +424,7 @@ def write_meta_checkpoint(
             for unit, tensors in units:
                 faults.hit("export_unit")
                 for name, t in tensors.items():
-                    if not name.startswith("optim."):
+                    if not is_state(name):
                         put(meta_key(unit, name), t)
                 if progress:
                     progress(unit, sum(t.numel() * t.element_size() for t in tensors.values()))

@@ -216,13 +216,13 @@ class OffloadedModel:
         """Splits the RAM budget: all units if they fit (no unit I/O at all), then activations
         (``x_bytes`` per block and micro-batch); and decides whether what streams goes through the
         page cache (``use_page_cache``)."""
-        units = sum(self.unit_bytes.values())
+        total = sum(self.unit_bytes.values())
         inputs = x_bytes * self.args.n_layers * n_micro
-        unit_budget, input_budget = split_budget(self.ram_budget, units, inputs)
+        unit_budget, input_budget = split_budget(self.ram_budget, total, inputs)
         self.cache.set_budget(unit_budget)
         self.activations.budget = input_budget
         if self.page_cache == "auto":
-            streamed = 0 if self.cache.resident else units - unit_budget + max(0, inputs - input_budget)
+            streamed = 0 if self.cache.resident else total - unit_budget + max(0, inputs - input_budget)
             spare = psutil.virtual_memory().available - (self.ram_budget if self.device.type != "cuda" else 0)
             self.store.direct = not use_page_cache(streamed, spare)
         else:
@@ -248,11 +248,11 @@ class OffloadedModel:
     def embed(self, tokens, drop=None):
         """The embedding's rows for ``tokens``, gathered before the conversion to the compute dtype
         (which, done to the whole [vocab, dim] matrix, would copy all of it)."""
-        w = self.cache.get("tok_embeddings")
+        w = self.cache.get(units.EMBEDDING)
         try:
             h = F.embedding(tokens, w["weight"]).to(self.compute_dtype)
         finally:
-            self.cache.release("tok_embeddings")
+            self.cache.release(units.EMBEDDING)
         return h if drop is None else drop(h, "out")
 
     def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None, split=False):
@@ -284,7 +284,7 @@ class OffloadedModel:
         h = self.embed(tokens)
         for i in range(self.args.n_layers):
             h = self.run_unit(units.layer(i), self.block_fn, h, rope, start_pos, kv[i] if kv else None)
-        return self.run_unit("head", self.head_fn, h)
+        return self.run_unit(units.HEAD, self.head_fn, h)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V], float32 on the cpu; one unit on the device at a time."""

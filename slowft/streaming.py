@@ -28,6 +28,7 @@ import torch
 from .directio import aligned_region, round_up
 from .heap import release_pages
 from .store import Store, pack
+from .units import is_layer
 
 
 class IOWorker:
@@ -228,7 +229,7 @@ class UnitCache:
         """Everything fits: keep it all and write only at commits. Otherwise stream, writing each
         update through, since a crash must never find units newer than the journal says."""
         self.resident = budget >= sum(self.unit_bytes.values())
-        blocks = [n for u, n in self.unit_bytes.items() if u.startswith("layers.")] or list(self.unit_bytes.values())
+        blocks = [n for u, n in self.unit_bytes.items() if is_layer(u)] or list(self.unit_bytes.values())
         self.max_block = max(blocks)
         self.budget = budget  # for units kept beyond those in use and those read ahead
 
@@ -374,7 +375,7 @@ class UnitCache:
         tensors, written.tensors = written.tensors, None
         try:
             n = self.unit_bytes[unit] = self.store.write_unit(unit, version, tensors)
-            if unit.startswith("layers."):  # a file grows once, as the optimizer adds its state: the pool follows
+            if is_layer(unit):  # a file grows once, as the optimizer adds its state: the pool follows
                 self.pool.max_bytes = max(self.pool.max_bytes, round_up(n))
             return n
         finally:

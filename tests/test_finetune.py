@@ -25,6 +25,12 @@ def test_finetune_learns_and_exports(tiny, tmp_path):
     assert [s["step"] for s in steps] == list(range(1, 31))
     assert steps[-1]["loss"] <= steps[0]["loss"] / 2
     assert all(s["written_bytes"]["weights"] > 0 for s in steps[1:])  # ram budget 0: every block via the disk
+    totals = [s["written_total_bytes"] for s in steps]
+    assert totals == sorted(totals) and totals[-1] == sum(sum(s["written_bytes"].values()) for s in steps)
+    # the writes were projected before the run, and the summary sets them against the projection
+    projected = re.search(r"SSD writes: .* projected for 30 steps \(([-+][\d.]+)%\)", r.stdout)
+    assert projected and abs(float(projected[1])) <= 10, r.stdout[-600:]
+    assert re.search(r"MB per trained token; ~[\d.]+ [KMG]B for this run", r.stdout)
     assert tree_hash(src) == before  # nothing written in the source folder
     before_line = next(line for line in r.stdout.splitlines() if line.startswith("[before]"))
     assert not learned(before_line[len("[before] ") + len(PROMPT):])  # a random model knows no phrase of the corpus

@@ -151,6 +151,9 @@ def test_frozen_units_are_read_never_written_and_match_autograd(gqa_model, tmp_p
     state: dict = {}
     with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
         block0 = model.unit_bytes["layers.0"]
+        reads: list[str] = []
+        read_unit = model.store.read_unit
+        model.store.read_unit = lambda unit, *args: reads.append(unit) or read_unit(unit, *args)
         for t in range(1, 3):
             model.io.drain()
             want = reference_grads(ref, tokens, targets, 2, 0.0, 0, t - 1, frozen)
@@ -169,6 +172,8 @@ def test_frozen_units_are_read_never_written_and_match_autograd(gqa_model, tmp_p
             io = model.store.stats.delta(model.store.stats.snapshot(), before)
             assert loss == pytest.approx(want, rel=1e-5)
             unwritten = block0 + model.unit_bytes["tok_embeddings"]
+            # the forward's reads only, no recompute (the embedding is read ahead for the next step too)
+            assert reads.count("layers.0") == t and reads.count("tok_embeddings") in (t, t + 1), reads
             assert io["written"]["weights"] + io["written"]["optim"] == sum(model.unit_bytes.values()) - unwritten
         versions = model.cache.versions
         assert versions["layers.0"] == versions["tok_embeddings"] == 0 and versions["layers.1"] == 2
