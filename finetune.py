@@ -29,7 +29,7 @@ import torch
 
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
-from slowft.errors import Interrupted, NonFiniteError, SlowftError
+from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
 from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params
 from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir, pick_device,
@@ -413,7 +413,7 @@ class RunMeter:
     def __init__(self, model: OffloadedModel, a, log: StepLog, writes: WritePlan):
         self.model, self.a, self.log, self.writes = model, a, log, writes
         self.started, self.io_start, self.waited_start = time.perf_counter(), model.store.stats.snapshot(), model.io.waited
-        self.io_before = self.io_start
+        self.io_before, self.lowest = self.io_start, math.inf
         self.stepping, self.steps_run, self.first_loss, self.loss = 0.0, 0, None, None
 
     def begin(self) -> None:
@@ -424,6 +424,7 @@ class RunMeter:
         dt = time.perf_counter() - self.t0
         waited = m.io.waited - self.wait_before
         self.stepping, self.steps_run, self.loss = self.stepping + dt, self.steps_run + 1, loss
+        self.lowest = min(self.lowest, loss)
         self.first_loss = loss if self.first_loss is None else self.first_loss
         now = stats.snapshot()  # bytes since the last step's line: write-behind finishing between steps counts too
         io, self.io_before = stats.delta(now, self.io_before), now
@@ -485,6 +486,7 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
                               **step_subset(a, model.args.n_layers, step))
             progress.clear()
             meter.end(step + 1, loss, optimizer.lr, tokens.numel())
+            check_collapse(loss, meter.lowest, model.args.vocab_size, step + 1)
             between_steps(model, a, tok, out, step + 1)
         final = finish(model, a, tok, out)
     except Interrupted as e:
@@ -494,9 +496,23 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
         print(f"error: {e}. The work dir keeps the last good weights; to start over with other settings, "
               "add --reset-workdir.", file=sys.stderr)
         return 3
+    except Diverged as e:
+        print(f"error: {e}. Start over with a lower --lr and --reset-workdir"
+              + (f" (the last checkpoint is in {out / 'checkpoints'})" if a.save_every else "") + ".", file=sys.stderr)
+        return 3
     meter.summary()
     print(f"exported to {final}\ntry it:  python test_gen.py {shlex.quote(str(final))}" + (f" --prompt {shlex.quote(a.prompt)}" if a.prompt else ""))
     return 0
+
+
+def check_collapse(loss: float, lowest: float, vocab: int, step: int) -> None:
+    """A loss back at exactly ln(vocab) after it had been well below: the model now predicts the
+    uniform distribution (its head or norms driven to zero by too large a step). No NaN says so,
+    and nothing after it learns: stop rather than spend the night."""
+    uniform = math.log(vocab)
+    if lowest < uniform - 0.1 and abs(loss - uniform) < 1e-3:
+        raise Diverged(f"loss {loss:.4f} at step {step} is ln({vocab}): the model collapsed to a uniform output "
+                       f"(its loss had been {lowest:.4f})")
 
 
 def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int) -> None:

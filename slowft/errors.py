@@ -11,3 +11,7 @@ class NonFiniteError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C / SIGTERM: the state on disk was made consistent before this was raised."""
+
+
+class Diverged(Exception):
+    """Training went wrong without a NaN: the loss came back to ln(vocab), a uniform output."""

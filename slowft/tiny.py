@@ -81,17 +81,25 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
-        units: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in model.state_dict().items():
-            unit, name = unit_of(key)
-            units.setdefault(unit, {})[name] = t
-        keys = meta_key_order(layers)
-        order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
-        write_meta_checkpoint(out, ((u, units[u]) for u in order), expected_shapes(args), keys,
-                              {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta).to(DTYPE_NAMES[dtype])},
-                              json.dumps(params).encode(), tok_path, shards, DTYPE_NAMES[dtype])
+        write_model(out, params, model, tok_path, shards, dtype)
     finally:
         tok_path.unlink(missing_ok=True)
+    return out
+
+
+def write_model(out: Path, params: dict, model: Transformer, tokenizer: Path, shards: int = 1, dtype: str = "bfloat16") -> Path:
+    """An in-RAM model's weights as a Meta llama2 folder: params.json, consolidated.NN.pth (Meta's
+    keys, order and sharding) and the tokenizer (e.g. a model pretrained for a benchmark)."""
+    args = model.args
+    units: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in model.state_dict().items():
+        unit, name = unit_of(key)
+        units.setdefault(unit, {})[name] = t
+    keys = meta_key_order(args.n_layers)
+    order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
+    write_meta_checkpoint(out, ((u, units[u]) for u in order), expected_shapes(args), keys,
+                          {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta).to(DTYPE_NAMES[dtype])},
+                          json.dumps(params).encode(), tokenizer, shards, DTYPE_NAMES[dtype])
     return out
 
 

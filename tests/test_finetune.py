@@ -42,3 +42,20 @@ def test_finetune_learns_and_exports(tiny, tmp_path):
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith(PROMPT)
     assert learned(g.stdout[len(PROMPT):]), g.stdout
+
+
+def test_a_collapse_to_the_uniform_output_stops_the_run():
+    """A loss back at ln(vocab) after it had been lower: no NaN, but nothing will learn after it."""
+    import math
+
+    import pytest
+
+    import finetune
+    from slowft.errors import Diverged
+
+    uniform = math.log(512)
+    finetune.check_collapse(uniform + 0.02, math.inf, 512, 1)  # a random model starts near ln(vocab)
+    finetune.check_collapse(uniform, uniform - 0.05, 512, 5)  # never well below it: no verdict
+    finetune.check_collapse(uniform - 0.5, uniform - 2.0, 512, 9)  # worse, but not uniform
+    with pytest.raises(Diverged, match="collapsed to a uniform output"):
+        finetune.check_collapse(uniform + 2e-4, 1.3, 512, 12)
