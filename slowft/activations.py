@@ -66,6 +66,10 @@ class Activations:
             return self.ram.pop(("c", j))
         return self._read(f"x.{i}.{j}", "inputs", keep_file=i in self.needed)
 
+    def prefetch_forward_input(self, i: int, j: int) -> None:
+        if ("x", i, j) not in self.ram and ("c", j) not in self.ram:
+            self._prefetch(f"x.{i}.{j}", "inputs", keep_file=i in self.needed)
+
     def input(self, i: int, j: int) -> torch.Tensor:
         """For the backward's recompute: the last use."""
         for key in (("x", i, j), ("c", j)):

@@ -147,6 +147,8 @@ class _Step:
                 for j in range(K):
                     m.progress("forward", i + 1, L + 1, j, K)
                     x = acts.forward_input(i, j)
+                    if j + 1 < K:
+                        acts.prefetch_forward_input(i, j + 1)
                     acts.put_input(i + 1, j, m.block_fn(w, x, self.rope, drop=self.at(i, j)))
             finally:
                 m.cache.release(layer(i))
