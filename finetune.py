@@ -31,10 +31,11 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
-from slowft.loader import DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params
+from slowft.loader import (DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params,
+                           unit_shapes)
 from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir, pick_device,
                               workdir_path)
-from slowft.optim import constant_lr, cosine_with_warmup, make_optimizer
+from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes
 from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
 from slowft.progress import StepProgress
 from slowft.train import SYNC_EVERY_S
@@ -43,14 +44,21 @@ from slowft.tokenizer import Tokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
-                "weight_decay", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa",
+                "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa",
                 "freeze_embeddings", "freeze_head")
+# Each moves weights by a similar small amount a step (slowft's adalite: each tensor by lr of its
+# norm); chosen from bench/bench_quality.py's sweeps (bench/NOTES.md).
+DEFAULT_LR = {"adalite": 1e-3, "adalomo": 5e-4, "adamw": 1e-5, "sgd": 1e-3}
+DEMO_LR = {"adalite": 6e-2, "adalomo": 3e-2, "adamw": 1e-3, "sgd": 0.5}  # a tiny random model takes large steps
 DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
 DEMO_PROMPT = "The keeper of the north light"
 
 
 def build_parser() -> ArgumentParser:
-    ap = ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.")
+    ap = ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="optimizers (--optimizer), their memory and SSD cost:\n"
+                               + "\n".join(f"  {k:<8} {v}" for k, v in OPTIMIZER_COSTS.items()))
     ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
     ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")
@@ -65,11 +73,14 @@ def build_parser() -> ArgumentParser:
                          "per trained token fall as this grows (tokens per step = this x --batch-size x --seq-len)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=None,
-                    help="default: 1e-5 for adalite (each tensor moves ~0.3%% of its norm per step), 1e-3 for sgd")
-    ap.add_argument("--optimizer", choices=["adalite", "sgd"], default="adalite",
-                    help="adalite: adaptive, its small state kept beside each block; sgd: stateless, and no "
-                         "block matrix's gradient ever exists whole (the least memory)")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="sgd only")
+                    help="default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                    + " (adalite moves each tensor by lr of its norm a step)")
+    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adalite",
+                    help="see the list below")
+    ap.add_argument("--weight-decay", type=float, default=None, help="sgd, adalomo (default 0) and adamw (default 0.01)")
+    ap.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"), help="adamw's (default 0.9 0.999)")
+    ap.add_argument("--optim-state-dtype", choices=["float32", "bfloat16"], default=None,
+                    help="adamw's two state tensors: bfloat16 halves their bytes (stochastically rounded)")
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--min-lr", type=float, default=0.0)
@@ -111,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.demo:
         demo_defaults(a, argv if argv is not None else sys.argv[1:])
     if a.lr is None:
-        a.lr = 1e-5 if a.optimizer == "adalite" else 1e-3
+        a.lr = DEFAULT_LR[a.optimizer]
+    check_optimizer_flags(a)
     for flag, value, ok, want in [
         ("--steps", a.steps, a.steps > 0, "a positive integer"),
         ("--batch-size", a.batch_size, a.batch_size > 0, "a positive integer"),
@@ -121,7 +133,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--lr", a.lr, 0 < a.lr < math.inf, "a positive number"),
         ("--min-lr", a.min_lr, 0 <= a.min_lr <= a.lr, "a number in [0, --lr]"),
         ("--warmup-steps", a.warmup_steps, 0 <= a.warmup_steps <= a.steps, "an integer in [0, --steps]"),
-        ("--weight-decay", a.weight_decay, 0 <= a.weight_decay < math.inf, "a number >= 0"),
         ("--dropout", a.dropout, 0 <= a.dropout < 1, "a number in [0, 1)"),
         ("--eval-every", a.eval_every, a.eval_every >= 0, "an integer >= 0"),
         ("--save-every", a.save_every, a.save_every >= 0, "an integer >= 0"),
@@ -136,6 +147,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.train_layers is not None:
         a.train_layers = parse_layers(a.train_layers)
     return a
+
+
+def check_optimizer_flags(a) -> None:
+    """The optimizer's own flags, in the command line's terms (the library would name its arguments)."""
+    takes = {"sgd": {"weight_decay"}, "adalite": set(), "adalomo": {"weight_decay"},
+             "adamw": {"weight_decay", "betas", "optim_state_dtype"}}[a.optimizer]
+    for key in ("weight_decay", "betas", "optim_state_dtype"):
+        value = getattr(a, key)
+        if value is not None and key not in takes:
+            flag = "--" + key.replace("_", "-")
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise SlowftError(f"{flag} {shown}: --optimizer {a.optimizer} has no such setting; expected it with "
+                              + ("--optimizer adamw" if key != "weight_decay" else "--optimizer sgd, adalomo or adamw"))
+    if a.weight_decay is not None and not 0 <= a.weight_decay < math.inf:
+        raise SlowftError(f"--weight-decay {a.weight_decay}: expected a number >= 0")
+    if a.betas is not None and not all(0 <= b < 1 for b in a.betas):
+        raise SlowftError(f"--betas {a.betas[0]} {a.betas[1]}: expected two numbers in [0, 1)")
+
+
+def make_run_optimizer(a):
+    """The optimizer the flags ask for (the library's defaults where a flag is not given)."""
+    return make_optimizer(a.optimizer, a.lr, a.weight_decay, tuple(a.betas) if a.betas else None, None, a.optim_state_dtype)
 
 
 def parse_layers(text: str) -> str:
@@ -181,7 +214,8 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
         except OSError as e:
             raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
                               "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
-    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", 5e-4), ("--min-lr", 1e-4),
+    lr = DEMO_LR[a.optimizer]
+    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", lr), ("--min-lr", lr / 5),
                         ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 20), ("--max-new-tokens", 24),
                         ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
         if flag not in given:
@@ -339,7 +373,7 @@ class WritePlan:
     def __init__(self, layout: Layout, a, export_bytes: int, first_step: int = 0):
         args = layout.args
         self.steps, self.resident = max(0, a.steps - first_step), False
-        opt = make_optimizer(a.optimizer, a.lr, a.weight_decay)
+        opt = make_run_optimizer(a)
         samples = range(first_step, first_step + max(1, min(self.steps, 16 if a.lisa else 1)))
         per = [projected_writes(layout, opt, plan_step(args.n_layers, a.batch_size * a.grad_accum, a.batch_size,
                                                        **step_subset(a, args.n_layers, t)), a.seq_len) for t in samples]
@@ -350,6 +384,10 @@ class WritePlan:
         self.tokens = a.grad_accum * a.batch_size * a.seq_len
         self.exports = export_bytes * (1 + (self.steps // a.save_every if a.save_every else 0))
         self.total = self.step_bytes * self.steps + self.exports
+        trainable = plan_step(args.n_layers, 1, **{**step_subset(a, args.n_layers, first_step),
+                                                  **({"train_layers": None} if a.lisa else {})}).trained
+        self.state = sum(state_bytes(opt, shape) for unit, shapes in unit_shapes(args).items() if unit in trainable
+                         for shape in shapes.values())
 
     def lines(self) -> list[str]:
         if self.resident:
@@ -382,7 +420,8 @@ def plan_summary(model: OffloadedModel, a, out: Path, writes: WritePlan) -> str:
         + (f", updates rounded {a.rounding}" if m.meta["storage_dtype"] == "bfloat16" else "") + ")",
         f"memory  RAM budget {gb(m.ram_budget)}: {mode}; device {m.device}, compute {a.compute_dtype}",
         f"train   {a.steps} steps x {a.grad_accum} micro-batches x {a.batch_size} x {a.seq_len} tokens "
-        f"({writes.tokens:,} a step), {a.optimizer} lr {a.lr:g} ({a.schedule}){subset}, from step {m.step_count}",
+        f"({writes.tokens:,} a step), {a.optimizer} lr {a.lr:g} ({a.schedule}, state {gb(writes.state)} in the work dir)"
+        f"{subset}, from step {m.step_count}",
         *writes.lines(),
         f"out     {out}",
     ])
@@ -467,7 +506,7 @@ def stop_on_signals(model: OffloadedModel) -> None:
 
 def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool, writes: WritePlan) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
-    optimizer = make_optimizer(a.optimizer, a.lr, a.weight_decay)
+    optimizer = make_run_optimizer(a)
     meter = RunMeter(model, a, StepLog(out / "metrics.jsonl", resumed), writes)
     progress = model.on_progress = StepProgress(model.args.n_layers)
     stop_on_signals(model)

@@ -3,8 +3,8 @@ from .errors import Interrupted, NonFiniteError, SlowftError
 from .generate import generate
 from .model import ModelArgs
 from .offloaded import OffloadedModel, load
-from .optim import SGD, Adalite
+from .optim import SGD, Adalite, AdaLomo, AdamW
 from .tokenizer import Tokenizer
 
-__all__ = ["load", "generate", "SGD", "Adalite", "Tokenizer", "ModelArgs", "OffloadedModel",
+__all__ = ["load", "generate", "SGD", "Adalite", "AdaLomo", "AdamW", "Tokenizer", "ModelArgs", "OffloadedModel",
            "SlowftError", "NonFiniteError", "Interrupted"]

@@ -136,7 +136,7 @@ class UnitUpdate:
             return ga
 
         self.optimizer.update(self.master[name], checked, optim_state(self.master, name, self.optimizer), self.t,
-                              write=self.write_for(name))
+                              write=self.write_for(name), state_write=lambda key: self.write_for(state_prefix(name) + key))
 
     def finite(self) -> bool:
         return not (self.bad and bool(torch.stack(self.bad).any()))

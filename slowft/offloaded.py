@@ -316,12 +316,14 @@ class OffloadedModel:
                                 train_embedding=train_embedding, train_head=train_head)
 
     def writer(self, seed: int, step: int, unit: str):
-        """name -> how the optimizer stores tensor ``name`` of ``unit``: in a bf16 work dir with
-        stochastic rounding, rounded with noise keyed by (seed, step, unit, tensor), so a resumed
-        run rounds as the original did; otherwise to nearest (None)."""
-        if self.rounding != "stochastic" or self.meta["storage_dtype"] != "bfloat16":
+        """name -> how the optimizer stores tensor ``name`` of ``unit`` (a weight, or a state
+        tensor ``optim.<weight>.<key>``): with stochastic rounding, a bf16 one is rounded with
+        noise keyed by (seed, step, unit, tensor), so a resumed run rounds as the original did;
+        otherwise to nearest (None: fp32 weights keep their in-place arithmetic)."""
+        if self.rounding != "stochastic":
             return lambda name: None
-        return lambda name: stochastic(generator_for(seed, step, unit, name, self.device))
+        bf16 = self.meta["storage_dtype"] == "bfloat16"
+        return lambda name: stochastic(generator_for(seed, step, unit, name, self.device)) if bf16 or units.is_state(name) else None
 
     def progress(self, phase: str, k: int, n: int, j: int, n_micro: int) -> None:
         if self.on_progress is not None:

@@ -19,6 +19,7 @@ from .activations import Activations
 from .errors import SlowftError
 from .loader import unit_shapes
 from .model import ModelArgs
+from .optim import state_bytes
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index, layers
 
 COMMIT_FIXED_BYTES = 8 << 20  # what a commit's fsynced files cost beyond their bytes, in writing time
@@ -126,8 +127,7 @@ def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int) ->
     shapes = unit_shapes(args)
     for unit in plan.trained:
         out["weights"] += layout.unit_bytes[unit] - layout.state_bytes[unit]
-        out["optim"] += sum(4 * t.numel() for shape in shapes[unit].values()
-                            for t in optimizer.init_state(torch.empty(shape, device="meta")).values())
+        out["optim"] += sum(state_bytes(optimizer, shape) for shape in shapes[unit].values())
     file = x_bytes + FILE_HEADER
     out["inputs"] = file * sum(acts.spills_input(i, j) for i in range(args.n_layers + 1) for j in range(K))
     out["grads"] = file * (plan.stop - 1) * (K - acts.flow)  # each unit but the last hands a gradient down

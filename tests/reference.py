@@ -108,8 +108,9 @@ def loss_fn(logits, targets):
 
 @torch.no_grad()
 def adalite_step(params: dict[str, torch.Tensor], state: dict, t: int, lr: float, eps=1e-5, Lambda=0.01,
-                 beta_decay=0.8, centralize=True, use_rms=True) -> None:
-    """The Adalite formula (issue #3) on every parameter, after a full backward."""
+                 beta_decay=0.8, centralize=True, use_rms=True, trust="update") -> None:
+    """The Adalite formula (issue #3) on every parameter, after a full backward; ``trust``
+    "gradient" is the published trust ratio |p| / |g|, "update" LAMB's |p| / |update|."""
     for name, p in params.items():
         g = p.grad
         if p.dim() == 2 and centralize:
@@ -129,7 +130,7 @@ def adalite_step(params: dict[str, torch.Tensor], state: dict, t: int, lr: float
         m = g / torch.sqrt(u)
         if use_rms:
             m = m / max(1.0, float(torch.sqrt(torch.mean(m * m))))
-        pn, gn = torch.linalg.norm(p), torch.linalg.norm(g)
+        pn, gn = torch.linalg.norm(p), torch.linalg.norm(g if trust == "gradient" else m)
         if pn != 0 and gn != 0:
             m = m * (pn / gn)
             m = m + Lambda * (p - p / pn)

@@ -112,8 +112,9 @@ def test_sgd_weight_decay_and_untouched_embedding_rows(gqa_model, tmp_path):
         assert same_rows == (wd == 0.0)  # plain SGD changes only the rows that were used
 
 
+@pytest.mark.parametrize("trust", ["update", "gradient"])
 @pytest.mark.parametrize("path", [PATHS[k] for k in ADALITE_PATHS], ids=ADALITE_PATHS)
-def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path, monkeypatch, path):
+def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path, monkeypatch, path, trust):
     """Autograd here runs slowft.model's in-RAM Transformer, and lr is small enough to keep the
     loss falling: Adalite's trust ratio (|p|/|g|) magnifies last-bit differences of another
     forward, and an unstable run turns them into anything. RefLlama checks the architecture above."""
@@ -125,13 +126,15 @@ def test_adalite_three_steps_equal_reference_formula(gqa_model, tmp_path, monkey
     named = dict(ram.named_parameters())
     state: dict = {}
     tokens, targets = batch(512, B=path.get("B", 2))
-    opt = slowft.Adalite(lr=1e-3)
+    # "gradient": the published formula; "update" (slowft's default) moves a tensor by lr of its norm
+    lr = {"gradient": 1e-3, "update": 5e-3}[trust]
+    opt = slowft.Adalite(lr=lr, trust=trust)
     with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
         for t in range(1, 4):
             ram.zero_grad()
             loss = loss_fn(ram(tokens), targets)
             loss.backward()
-            adalite_step(named, state, t, lr=1e-3)
+            adalite_step(named, state, t, lr=lr, trust=trust)
             assert model.step(tokens, targets, opt) == pytest.approx(loss.item(), rel=1e-5)
         got = dict(model.named_tensors())
     moved = max((named[k].detach() - start[k]).abs().max().item() for k in named)

@@ -201,7 +201,7 @@ def test_unfinished_run_with_other_settings(good, tmp_path, fails):
     assert r.returncode == -9
     msg = fails(finetune.main, *train_args(good, tmp_path, "--steps", 3, "--device", "cpu", "--batch-size", 1,
                                            "--seq-len", 8, "--lr", 0.5), source=good)
-    assert "unfinished run with lr = 1e-05 (now 0.5)" in msg
+    assert "unfinished run with lr = 0.001 (now 0.5)" in msg
 
 
 def test_a_real_process_prints_no_traceback(broken):
@@ -241,6 +241,12 @@ def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails):
                            (["--lisa", 3], "--lisa 3: above the model's 2 layers"),
                            (["--lisa", 1, "--train-layers", "0-1"], "LISA samples the blocks itself"),
                            (["--max-ssd-writes", "banana"], "--max-ssd-writes banana: expected a size"),
+                           (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+                           (["--lr=-1e-3"], "--lr -0.001: expected a positive number"),
+                           (["--optimizer", "adamw", "--betas", 0.9, 1.0], "--betas 0.9 1.0: expected two numbers in [0, 1)"),
+                           (["--optimizer", "sgd", "--optim-state-dtype", "bfloat16"],
+                            "--optim-state-dtype bfloat16: --optimizer sgd has no such setting"),
+                           (["--optimizer", "adalite", "--betas", 0.9, 0.99], "--betas 0.9 0.99: --optimizer adalite has no such setting"),
                            (["--max-ssd-writes", "1M", "--steps", 50, "--ram-budget", 0],
                             "--max-ssd-writes 1.00 MB: this run is projected to write")]:
         msg = fails(finetune.main, *train_args(good, tmp_path, *flags), source=good)
