@@ -89,6 +89,24 @@ def test_sigkill_inside_accumulated_steps_is_bit_identical(src, tmp_path):
     assert not list((tmp_path / "w" / "scratch").iterdir())
 
 
+@pytest.mark.parametrize("optimizer", [["--optimizer", "adamw", "--optim-state-dtype", "bfloat16"], ["--optimizer", "adalomo"]],
+                         ids=["adamw-bf16-state", "adalomo"])
+def test_every_optimizer_resumes_bit_identically(src, tmp_path, optimizer):
+    """Two micro-batches a step, blocks 1-2 only, killed inside a step and between a unit's writes."""
+    train = ["--steps", 3, "--batch-size", 1, "--grad-accum", 2, "--seq-len", 16, "--lr", 1e-3, "--seed", 5,
+             "--device", "cpu", "--train-layers", "1-2", "--ram-budget", 0, *optimizer]
+    ref = tmp_path / "ref"
+    r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
+    assert r.returncode == 0, r.stderr
+    args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    for i, fault in enumerate(["backward_micro:3:kill", "unit_write_data:4:kill"]):
+        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
+        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+
+
 def test_sigkill_with_everything_resident_is_bit_identical(src, reference, tmp_path):
     crash_chain(src, tmp_path, ["backward_unit:9:kill", "export_unit:3:kill"], budget="1G")
     assert bits(tmp_path / "out" / "model") == reference
