@@ -235,12 +235,11 @@ def best(runs: dict) -> dict:
     return {name: min(by_lr.items(), key=lambda kv: kv[1]["curve"][-1]) for name, by_lr in runs.items()}
 
 
-def goals(chosen: dict) -> dict:
+def goals(runs: dict, chosen: dict) -> dict:
     out = {}
-    if "torch-adamw" in chosen and "adamw" in chosen:
-        ref, got = chosen["torch-adamw"][1]["curve"], chosen["adamw"][1]["curve"]
-        same_lr = chosen["adamw"][0] == chosen["torch-adamw"][0]
-        out["adamw_max_rel_diff"] = max(abs(g - r) / r for g, r in zip(got, ref)) if same_lr else None
+    if "torch-adamw" in runs and "adamw" in runs:  # at every lr both ran, at every eval
+        out["adamw_max_rel_diff"] = max(abs(g - r) / r for lr in set(runs["adamw"]) & set(runs["torch-adamw"])
+                                        for g, r in zip(runs["adamw"][lr]["curve"], runs["torch-adamw"][lr]["curve"]))
     if "adamw" in chosen:
         ref = chosen["adamw"][1]
         drop = ref["curve"][0] - ref["curve"][-1]
@@ -306,7 +305,7 @@ def main() -> None:
             extra[f"{top} bf16 stochastic (lr {lr:g})"] = bf16 = finetune_slowft(src, top, lr, data, val, a, root / "work" / "bf16", "bfloat16")
             bf16["curve"] += [math.inf] * (n_evals(a) - len(bf16["curve"]))
             print(f"  {top} in bf16 (stochastic): held-out {bf16['curve'][-1]:.4f}, wrote {bf16['written_per_step'] / 1e6:.1f} MB/step")
-    g = goals(chosen)
+    g = goals(runs, chosen)
     print("best: " + ", ".join(f"{k} lr {lr:g} -> {r['curve'][-1]:.4f}" for k, (lr, r) in chosen.items()))
     print("goals: " + ", ".join(f"{k} {v:.4g}" for k, v in g.items() if v is not None))
     if not a.no_plot:

@@ -75,24 +75,6 @@ def test_every_store_goes_through_the_writer_in_order_of_chunks(opt, monkeypatch
     assert torch.equal(p, q) and not torch.equal(p, p0)
 
 
-@pytest.mark.parametrize("opt", [AdaLomo(0.01, weight_decay=0.1), AdamW(0.01), AdamW(0.01, state_dtype=torch.bfloat16)],
-                         ids=["adalomo", "adamw", "adamw-bf16-state"])
-@pytest.mark.parametrize("shape", [(48, 40), (300,)])
-def test_fp32_weights_are_the_same_bit_for_bit_with_the_stochastic_writer(opt, shape, monkeypatch):
-    monkeypatch.setattr("slowft.optim.CHUNK_BYTES", 4 * 40 * 7)  # several chunks
-    torch.manual_seed(0)
-    p0, grads = torch.randn(shape), [torch.randn(shape) for _ in range(3)]
-    out = []
-    for stoch in (False, True):
-        p, state = p0.clone(), opt.init_state(p0)
-        for t, g in enumerate(grads, 1):
-            write = stochastic(generator_for(1, t, "u", "t", "cpu")) if stoch else None
-            opt.update(p, rows_of(g), state, t, write=write)
-        out.append(p)
-    assert not torch.equal(out[0], p0)
-    assert torch.equal(out[0].view(torch.int32), out[1].view(torch.int32))
-
-
 # ----------------------------------------------------------------------------- AdamW
 
 def several_chunks(monkeypatch, row_elems: int, rows: int = 3):

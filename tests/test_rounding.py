@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from slowft.optim import Adalite, SGD, rows_of
+from slowft.optim import SGD, AdaLomo, Adalite, AdamW, rows_of
 from slowft.rounding import generator_for, nearest, stochastic, stochastic_round
 
 
@@ -78,7 +78,9 @@ def test_inf_and_nan_pass_through():
         assert torch.equal(got[6:].view(torch.int32), x[6:].view(torch.int32))  # signed zeros kept
 
 
-@pytest.mark.parametrize("opt", [SGD(lr=0.01, weight_decay=0.1), Adalite(lr=0.01)])
+@pytest.mark.parametrize("opt", [SGD(lr=0.01, weight_decay=0.1), Adalite(lr=0.01), AdaLomo(0.01, weight_decay=0.1),
+                                 AdamW(0.01), AdamW(0.01, state_dtype=torch.bfloat16)],
+                         ids=["sgd", "adalite", "adalomo", "adamw", "adamw-bf16-state"])
 @pytest.mark.parametrize("shape", [(48, 40), (300,)])
 def test_fp32_storage_is_the_same_bit_for_bit_with_the_stochastic_writer(opt, shape, monkeypatch):
     monkeypatch.setattr("slowft.optim.CHUNK_BYTES", 4 * 40 * 7)  # several chunks
