@@ -125,33 +125,45 @@ class _Step:
 
     @torch.no_grad()
     def forward(self, n_run: int, trick: bool) -> None:
-        m, acts, K, L = self.model, self.acts, self.plan.n_micro, self.model.args.n_layers
-        w = m.cache.get(EMBEDDING)
-        try:  # rows gathered before the conversion to the compute dtype (not the whole matrix)
-            for j in range(K):
-                h = F.embedding(self.piece(self.tokens, j), w["weight"]).to(m.compute_dtype)
-                drop = self.at("emb", j)
-                acts.put_input(0, j, h if drop is None else drop(h, "out"))
-        finally:
-            m.cache.release(EMBEDDING)
+        m, L = self.model, self.model.args.n_layers
+        self.forward_embedding()
         for i in range(n_run):
             if m.stop_requested:
                 self.stop(self.done)
             faults.hit("forward_block")
             if trick and i == L - 1:
                 self.top = self.open_block(i)
-                acts.put_input(L, 0, self.top.forward(acts.forward_input(i, 0), self.rope, self.at(i, 0), output=True))
-                continue
-            w = m.weights(m.cache.get(layer(i)))
-            try:
-                for j in range(K):
-                    m.progress("forward", i + 1, L + 1, j, K)
-                    x = acts.forward_input(i, j)
-                    if j + 1 < K:
-                        acts.prefetch_forward_input(i, j + 1)
-                    acts.put_input(i + 1, j, m.block_fn(w, x, self.rope, drop=self.at(i, j)))
-            finally:
-                m.cache.release(layer(i))
+                h = self.top.forward(self.acts.forward_input(i, 0), self.rope, self.at(i, 0), output=True)
+                self.acts.put_input(L, 0, h)
+            else:
+                self.forward_block(i)
+
+    def forward_embedding(self) -> None:
+        """Each micro-batch's rows, gathered before the conversion to the compute dtype (not the
+        whole matrix). (Its own function, as forward_block is: a unit's tensors held by a name
+        in a loop would outlive the unit's release, a buffer beside the next unit's two.)"""
+        m = self.model
+        w = m.cache.get(EMBEDDING)
+        try:
+            for j in range(self.plan.n_micro):
+                h = F.embedding(self.piece(self.tokens, j), w["weight"]).to(m.compute_dtype)
+                drop = self.at("emb", j)
+                self.acts.put_input(0, j, h if drop is None else drop(h, "out"))
+        finally:
+            m.cache.release(EMBEDDING)
+
+    def forward_block(self, i: int) -> None:
+        m, acts, K = self.model, self.acts, self.plan.n_micro
+        w = m.weights(m.cache.get(layer(i)))
+        try:
+            for j in range(K):
+                m.progress("forward", i + 1, m.args.n_layers + 1, j, K)
+                x = acts.forward_input(i, j)
+                if j + 1 < K:
+                    acts.prefetch_forward_input(i, j + 1)
+                acts.put_input(i + 1, j, m.block_fn(w, x, self.rope, drop=self.at(i, j)))
+        finally:
+            m.cache.release(layer(i))
 
     # -- backward
 
