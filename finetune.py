@@ -37,6 +37,7 @@ from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, def
                               workdir_path)
 from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes
 from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
+from slowft.plot import write_loss_plot
 from slowft.progress import StepProgress
 from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
@@ -62,6 +63,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
     ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")
+    ap.add_argument("--val-data", type=Path, nargs="+", default=None, help="held-out text: its loss is evaluated, never trained on")
+    ap.add_argument("--val-fraction", type=float, default=None,
+                    help="hold out this share of --data's documents (by seed) instead, in (0, 0.5]")
     ap.add_argument("--out", type=Path, help="run folder: model/ (the export), metrics.jsonl, checkpoints/ (default: out/<model>)")
     ap.add_argument("--workdir", type=Path, help="where the blocks live while training (default: ~/.cache/slowft/...)")
     ap.add_argument("--reset-workdir", action="store_true", help="discard the work dir's contents and start over")
@@ -103,7 +107,8 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--ram-budget", type=lambda t: parse_size(t, "--ram-budget"), default=None, help="RAM for resident blocks and saved inputs, e.g. 8G (default: half of free memory)")
     ap.add_argument("--io-depth", type=int, default=1, help="units read ahead (and writes pending) beside the one computing; a read waits for the writes before it")
     ap.add_argument("--prompt", help="print this prompt's continuation before and after training")
-    ap.add_argument("--eval-every", type=int, default=0, help="also print it every N steps")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="every N steps: the held-out loss (with --val-data or --val-fraction) and the prompt's continuation")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=0, help="export a checkpoint to <out>/checkpoints every N steps")
     ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
@@ -142,6 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ]:
         if not ok:
             raise SlowftError(f"{flag} {value}: expected {want}")
+    if a.val_data and a.val_fraction is not None:
+        raise SlowftError("--val-data --val-fraction: one holds out other files, the other part of --data; expected one of them")
+    if a.val_fraction is not None and not 0 < a.val_fraction <= 0.5:
+        raise SlowftError(f"--val-fraction {a.val_fraction}: expected a number in (0, 0.5]")
     if a.lisa and a.train_layers:
         raise SlowftError(f"--lisa {a.lisa} --train-layers {a.train_layers}: LISA samples the blocks itself; expected one of them")
     if a.train_layers is not None:
@@ -270,6 +279,7 @@ class Inputs:
     src: MetaSource
     tok: Tokenizer
     data: TokenData
+    val: TokenData | None
     out: Path
     export_bytes: int
 
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
         writes = WritePlan(model.layout(), a, i.export_bytes, model.step_count)
         print(plan_summary(model, a, i.out, writes))
         check_disk(model, a, i.out)
-        return train(model, a, i.tok, i.data, i.out, resumed, writes)
+        return train(model, a, i.tok, i.data, i.val, i.out, resumed, writes)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -316,8 +326,7 @@ def check_inputs(a) -> Inputs:
     if a.export_shards:  # here, not after a night of training
         check_split(expected_shapes(src.args), src.key_order, a.export_shards, "--export-shards")
     tok = Tokenizer(src.tokenizer)
-    data = TokenData.from_files(a.data, tok)
-    data.check(a.seq_len)
+    data, val = held_out(a, tok)
     out = (a.out or Path("out") / src.path.name).expanduser().resolve()
     if out == src.path or src.path in out.parents:
         raise SlowftError(f"--out {out}: is inside the source model folder {src.path}; expected a folder elsewhere")
@@ -331,7 +340,21 @@ def check_inputs(a) -> Inputs:
         probe.unlink()
     except OSError as e:
         raise SlowftError(f"--out {out}: not writable ({e.strerror}); expected a writable folder") from None
-    return Inputs(device, src, tok, data, out, export_bytes)
+    return Inputs(device, src, tok, data, val, out, export_bytes)
+
+
+def held_out(a, tok: Tokenizer) -> tuple[TokenData, TokenData | None]:
+    """(training data, held-out data or None): --val-data, or --val-fraction of --data's documents."""
+    data = TokenData.from_files(a.data, tok)
+    val = None
+    if a.val_fraction is not None:
+        data, val = data.split(a.val_fraction, a.seed)
+    elif a.val_data:
+        val = TokenData.from_files(a.val_data, tok, flag="--val-data")
+    data.check(a.seq_len)
+    if val is not None:
+        val.check(a.seq_len)
+    return data, val
 
 
 def start_or_resume(store, a, i: Inputs) -> bool:
@@ -339,11 +362,12 @@ def start_or_resume(store, a, i: Inputs) -> bool:
     Returns whether it resumed."""
     settings = {k: getattr(a, k) for k in RUN_SETTINGS}
     settings["data"] = i.data.fingerprint()
+    settings["val"] = i.val.fingerprint() if i.val is not None else None
     meta = store.read_json("meta.json") or {}
     previous = meta.get("run")
     resumed = bool(previous and not previous.get("finished"))
     if resumed:
-        for k in ["data", *RUN_SETTINGS]:
+        for k in ["data", "val", *RUN_SETTINGS]:
             if previous["settings"].get(k) != settings[k]:
                 raise SlowftError(
                     f"{store.root}: holds an unfinished run with {k} = {previous['settings'].get(k)} (now {settings[k]}); "
@@ -492,6 +516,31 @@ class RunMeter:
                   f"({written / projected - 1:+.1%}), {written / (self.steps_run * self.writes.tokens) / 1e6:.2f} MB per trained token")
 
 
+class HeldOut:
+    """The held-out loss: a forward only over the held-out text's windows (units are read, none
+    written), logged to the console and metrics.jsonl; the loss plot redrawn after each."""
+
+    def __init__(self, model: OffloadedModel, val: TokenData, a, log: StepLog, out: Path):
+        self.model, self.log, self.out, self.batch = model, log, out, a.batch_size
+        self.x, self.y = val.windows(a.seq_len)
+        self.last = None
+
+    def evaluate(self, step: int) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, len(self.x), self.batch):
+                logits = self.model.logits(self.x[s : s + self.batch])
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.y[s : s + self.batch].flatten(),
+                                                           reduction="sum").item()
+        loss = total / self.y.numel()
+        print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):,.2f}  "
+              f"({self.y.numel():,} tokens)", flush=True)
+        self.log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": self.y.numel()})
+        self.last = step
+        write_loss_plot(self.log.path, self.out / "loss.png", str(self.model.meta["source"]["path"]))
+        return loss
+
+
 def stop_on_signals(model: OffloadedModel) -> None:
     """Ctrl-C or SIGTERM: finish the block in hand, commit, exit 130; a second one aborts at once."""
     def on_signal(signum, frame):
@@ -504,15 +553,20 @@ def stop_on_signals(model: OffloadedModel) -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
-def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, resumed: bool, writes: WritePlan) -> int:
+def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, val: TokenData | None, out: Path, resumed: bool,
+          writes: WritePlan) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
     optimizer = make_run_optimizer(a)
-    meter = RunMeter(model, a, StepLog(out / "metrics.jsonl", resumed), writes)
+    log = StepLog(out / "metrics.jsonl", resumed)
+    meter = RunMeter(model, a, log, writes)
+    heldout = HeldOut(model, val, a, log, out) if val is not None else None
     progress = model.on_progress = StepProgress(model.args.n_layers)
     stop_on_signals(model)
     try:
         if a.prompt and model.step_count == 0:
             show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
+        if heldout and model.step_count == 0:
+            heldout.evaluate(0)
         done = model.step_count
         if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
             save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
@@ -526,8 +580,8 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, 
             progress.clear()
             meter.end(step + 1, loss, optimizer.lr, tokens.numel())
             check_collapse(loss, meter.lowest, model.args.vocab_size, step + 1)
-            between_steps(model, a, tok, out, step + 1)
-        final = finish(model, a, tok, out)
+            between_steps(model, a, tok, out, step + 1, heldout)
+        final = finish(model, a, tok, out, heldout)
     except Interrupted as e:
         print(f"{e}; the work dir is consistent. Resume with:\n  {resume_command()}", file=sys.stderr)
         return 130
@@ -554,10 +608,14 @@ def check_collapse(loss: float, lowest: float, vocab: int, step: int) -> None:
                        f"(its loss had been {lowest:.4f})")
 
 
-def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int) -> None:
-    """After step ``done``: the prompt's continuation, a checkpoint, or a requested stop."""
-    if a.prompt and a.eval_every and done % a.eval_every == 0 and done < a.steps:
-        show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {done}")
+def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int, heldout: "HeldOut | None") -> None:
+    """After step ``done``: the held-out loss and the prompt's continuation, a checkpoint, or a
+    requested stop."""
+    if a.eval_every and done % a.eval_every == 0 and done < a.steps:
+        if heldout:
+            heldout.evaluate(done)
+        if a.prompt:
+            show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {done}")
     if a.save_every and done % a.save_every == 0 and done < a.steps:
         save_checkpoint(model, a, out, done)
     if model.stop_requested:
@@ -565,9 +623,14 @@ def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int
         raise Interrupted(f"stopped after step {done}")
 
 
-def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path) -> Path:
-    """The weights made durable, the last continuation, the export, and the run marked finished."""
+def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path, heldout: "HeldOut | None") -> Path:
+    """The weights made durable, the last evaluation and continuation, the export, and the run
+    marked finished."""
     model.sync()
+    if heldout and heldout.last != a.steps:
+        heldout.evaluate(a.steps)  # (redraws the plot)
+    else:
+        write_loss_plot(out / "metrics.jsonl", out / "loss.png", str(model.meta["source"]["path"]))
     if a.prompt:
         show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
     final = export(model, a, out / "model")

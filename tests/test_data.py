@@ -29,3 +29,29 @@ def test_a_folder_stands_for_its_visible_txt_files(tiny, tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG\0")
     data = TokenData.from_files([tmp_path], tok)
     assert data.sources == [tmp_path / "notes.txt"]
+
+
+def test_held_out_documents_by_seed(tiny, tmp_path):
+    """--val-fraction holds out whole documents, the same ones for the same seed."""
+    import pytest
+
+    from slowft.errors import SlowftError
+
+    tok = Tokenizer(tiny(dim=64, layers=2, heads=4) / "tokenizer.model")
+    docs = []
+    for i in range(10):
+        (tmp_path / f"d{i}.txt").write_text(f"Document {i}: " + "the lamp was lit at dusk. " * (i + 1))
+        docs.append(tmp_path / f"d{i}.txt")
+    data = TokenData.from_files(docs, tok)
+    train, val = data.split(0.2, seed=3)
+    assert len(val.sources) == 2 and set(train.sources) | set(val.sources) == set(docs)
+    assert not set(train.sources) & set(val.sources)
+    assert len(train) + len(val) == len(data)
+    for part in (train, val):  # each document whole: its own tokens, BOS first and EOS last
+        for f, toks in zip(part.sources, part.tokens.split(part.lengths)):
+            assert toks.tolist() == tok.encode(f.read_text(), bos=True, eos=True)
+    assert data.split(0.2, seed=3)[1].sources == val.sources  # a resumed run holds out the same
+    x, y = val.windows(8)
+    assert x.shape == y.shape and torch.equal(x.flatten()[1:], y.flatten()[:-1])
+    with pytest.raises(SlowftError, match="has 1 document"):
+        TokenData.from_files([docs[0]], tok).split(0.5, 0)

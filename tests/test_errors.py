@@ -232,8 +232,10 @@ def test_tiny_models_only_in_shapes_the_loader_takes(tmp_path, kw, message):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails):
+def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails, monkeypatch):
     """Each one line, exit 2, and nothing written: no work dir, no --out folder."""
+    (tmp_path / "tiny.txt").write_text("Too short to hold one window.")  # a val set no window fits
+    monkeypatch.chdir(tmp_path)
     for flags, message in [(["--grad-accum", 0], "--grad-accum 0: expected a positive integer"),
                            (["--train-layers", "5-2"], "--train-layers 5-2: expected A-B with 0 <= A <= B"),
                            (["--train-layers", "x"], "--train-layers x: expected a range"),
@@ -242,6 +244,9 @@ def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails):
                            (["--lisa", 1, "--train-layers", "0-1"], "LISA samples the blocks itself"),
                            (["--max-ssd-writes", "banana"], "--max-ssd-writes banana: expected a size"),
                            (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+                           (["--val-fraction", 0.7], "--val-fraction 0.7: expected a number in (0, 0.5]"),
+                           (["--val-fraction", 0.2, "--val-data", "x.txt"], "one holds out other files"),
+                           (["--val-data", "tiny.txt", "--seq-len", 64], "--val-data"),
                            (["--lr=-1e-3"], "--lr -0.001: expected a positive number"),
                            (["--optimizer", "adamw", "--betas", 0.9, 1.0], "--betas 0.9 1.0: expected two numbers in [0, 1)"),
                            (["--optimizer", "sgd", "--optim-state-dtype", "bfloat16"],

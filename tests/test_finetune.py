@@ -1,5 +1,6 @@
 """End to end, as a user runs it: finetune.py on a tiny model, then test_gen.py on the export."""
 import json
+import math
 import re
 
 import slowft
@@ -60,3 +61,24 @@ def test_a_collapse_to_the_uniform_output_stops_the_run():
     finetune.check_collapse(uniform - 0.5, uniform - 2.0, 512, 9)  # worse, but not uniform
     with pytest.raises(Diverged, match="collapsed to a uniform output"):
         finetune.check_collapse(uniform + 2e-4, 1.3, 512, 12)
+
+
+def test_held_out_loss_is_logged_and_plotted(tiny, tmp_path):
+    """--val-fraction: the held-out loss before training, every --eval-every steps and at the end,
+    in metrics.jsonl and on the console, and out/<model>/loss.png redrawn after each."""
+    src = tiny(dim=64, layers=2, heads=4, kv_heads=2, shards=2)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"Note {i}. " + "The ferry left the quay at dawn with salt and wool. " * (3 + i))
+    out = tmp_path / "run"
+    r = run_script("finetune.py", src, "--data", docs, "--val-fraction", 0.3, "--steps", 5, "--eval-every", 2,
+                   "--batch-size", 2, "--grad-accum", 2, "--seq-len", 16, "--device", "cpu", "--ram-budget", 0,
+                   "--out", out, "--workdir", tmp_path / "w")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [rec for rec in records if "eval_loss" in rec]
+    assert [e["step"] for e in evals] == [0, 2, 4, 5]
+    assert all(e["eval_tokens"] > 0 and abs(e["eval_ppl"] - math.exp(e["eval_loss"])) < 1e-6 * e["eval_ppl"] for e in evals)
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("eval")] == ["0", "2", "4", "5"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
