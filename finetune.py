@@ -45,7 +45,7 @@ from slowft.tokenizer import Tokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
-                "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa",
+                "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa", "train_on_prompt",
                 "freeze_embeddings", "freeze_head")
 # Each moves weights by a similar small amount a step (slowft's adalite: each tensor by lr of its
 # norm); chosen from bench/bench_quality.py's sweeps (bench/NOTES.md).
@@ -64,6 +64,8 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
     ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")
     ap.add_argument("--val-data", type=Path, nargs="+", default=None, help="held-out text: its loss is evaluated, never trained on")
+    ap.add_argument("--train-on-prompt", action="store_true",
+                    help="JSONL prompts and user turns count towards the loss too (default: only completions and answers)")
     ap.add_argument("--val-fraction", type=float, default=None,
                     help="hold out this share of --data's documents (by seed) instead, in (0, 0.5]")
     ap.add_argument("--out", type=Path, help="run folder: model/ (the export), metrics.jsonl, checkpoints/ (default: out/<model>)")
@@ -345,12 +347,12 @@ def check_inputs(a) -> Inputs:
 
 def held_out(a, tok: Tokenizer) -> tuple[TokenData, TokenData | None]:
     """(training data, held-out data or None): --val-data, or --val-fraction of --data's documents."""
-    data = TokenData.from_files(a.data, tok)
+    data = TokenData.from_files(a.data, tok, train_on_prompt=a.train_on_prompt)
     val = None
     if a.val_fraction is not None:
         data, val = data.split(a.val_fraction, a.seed)
     elif a.val_data:
-        val = TokenData.from_files(a.val_data, tok, flag="--val-data")
+        val = TokenData.from_files(a.val_data, tok, flag="--val-data", train_on_prompt=a.train_on_prompt)
     data.check(a.seq_len)
     if val is not None:
         val.check(a.seq_len)
@@ -526,16 +528,16 @@ class HeldOut:
         self.last = None
 
     def evaluate(self, step: int) -> float:
-        total = 0.0
+        total, counted = 0.0, int((self.y >= 0).sum())
         with torch.no_grad():
             for s in range(0, len(self.x), self.batch):
                 logits = self.model.logits(self.x[s : s + self.batch])
                 total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.y[s : s + self.batch].flatten(),
-                                                           reduction="sum").item()
-        loss = total / self.y.numel()
+                                                           ignore_index=-1, reduction="sum").item()
+        loss = total / max(1, counted)
         print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):,.2f}  "
-              f"({self.y.numel():,} tokens)", flush=True)
-        self.log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": self.y.numel()})
+              f"({counted:,} tokens)", flush=True)
+        self.log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": counted})
         self.last = step
         write_loss_plot(self.log.path, self.out / "loss.png", str(self.model.meta["source"]["path"]))
         return loss

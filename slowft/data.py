@@ -1,4 +1,10 @@
-"""Training text: plain-text files -> one token stream -> random windows, reproducible per step.
+"""Training text: plain-text files and JSONL examples -> one token stream -> random windows,
+reproducible per step.
+
+A ``.txt`` file is a document, all of it learned. A ``.jsonl`` file holds one example a line:
+``{"text": ...}`` (a document), ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}``
+(llama2's chat format, slowft.chat); in the last two only the completion or the assistant's
+answers count towards the loss, with the EOS that ends them, unless ``train_on_prompt``.
 
 The batch of step t depends only on (seed, t), so a resumed run sees exactly the batches an
 uninterrupted one would, without saving a data position.
@@ -6,11 +12,13 @@ uninterrupted one would, without saving a data position.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .chat import common_prefix, llama2_dialog
 from .errors import SlowftError
 from .progress import progress
 from .tokenizer import Tokenizer
@@ -37,30 +45,80 @@ def text_files(paths: list[Path], flag: str = "--data") -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.glob("*.txt") if not f.name.startswith("."))
+            found = sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl") and not f.name.startswith("."))
             if not found:
-                raise SlowftError(f"{flag} {p}: folder has no .txt files; expected plain-text files")
+                raise SlowftError(f"{flag} {p}: folder has no .txt or .jsonl files; expected plain-text files or JSONL")
             files += found
         else:
             files.append(p)
     return files
 
 
+def read_examples(path: Path, tok: Tokenizer, train_on_prompt: bool = False, flag: str = "--data"):
+    """(tokens, counted) of each example of a JSONL file; a bad line is named with its number."""
+    out = []
+    for n, line in enumerate(read_text(path, flag).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{flag} {path}:{n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SlowftError(f"{where}: malformed JSON ({e.msg}); expected one JSON object a line") from None
+        try:
+            tokens, counted = _example(ex, tok)
+        except ValueError as e:
+            raise SlowftError(f"{where}: {e}") from None
+        out.append((tokens, [True] * len(tokens) if train_on_prompt else counted))
+    if not out:
+        raise SlowftError(f"{flag} {path}: no examples; expected one JSON object a line")
+    return out
+
+
+def _example(ex, tok: Tokenizer) -> tuple[list[int], list[bool]]:
+    keys = set(ex) if isinstance(ex, dict) else set()
+    if keys == {"text"} and isinstance(ex["text"], str):
+        tokens = tok.encode(ex["text"], bos=True, eos=True)
+        return tokens, [True] * len(tokens)
+    if keys == {"prompt", "completion"} and all(isinstance(ex[k], str) for k in keys):
+        tokens = tok.encode(ex["prompt"] + ex["completion"], bos=True, eos=True)
+        n = common_prefix(tok.encode(ex["prompt"], bos=True), tokens)
+        return tokens, [False] * n + [True] * (len(tokens) - n)
+    if keys == {"messages"}:
+        return llama2_dialog(tok, ex["messages"])
+    raise ValueError(f"unknown example with keys {sorted(keys) if keys else type(ex).__name__}; expected "
+                     '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}')
+
+
 class TokenData:
-    def __init__(self, tokens: torch.Tensor, sources: list[Path], lengths: list[int] | None = None, flag: str = "--data"):
+    def __init__(self, tokens: torch.Tensor, sources: list[Path], lengths: list[int] | None = None, flag: str = "--data",
+                 counted: torch.Tensor | None = None):
         self.tokens, self.sources, self.flag = tokens, sources, flag
-        self.lengths = lengths or [tokens.numel()]  # tokens of each document, in order
+        self.lengths = lengths or [tokens.numel()]  # tokens of each document (or example), in order
+        self.counted = counted  # bool per token: whether it counts as a target (None: every one)
 
     @classmethod
-    def from_files(cls, paths: list[Path], tokenizer: Tokenizer, flag: str = "--data") -> "TokenData":
-        """Each file is one document: BOS, its tokens, EOS. Held as int32 (4 bytes a token)."""
+    def from_files(cls, paths: list[Path], tokenizer: Tokenizer, flag: str = "--data", train_on_prompt: bool = False) -> "TokenData":
+        """A text file is one document: BOS, its tokens, EOS; a JSONL file one such document per
+        example. Held as int32 (4 bytes a token)."""
         files = text_files(paths, flag)
-        parts, size = [], {f: f.stat().st_size if f.is_file() else 0 for f in files}  # read_text names what is missing
+        parts, counted, sources = [], [], []
+        size = {f: f.stat().st_size if f.is_file() else 0 for f in files}  # read_text names what is missing
         with progress(sum(size.values()), "tokenize", leave=False) as bar:
             for f in files:
-                parts.append(tokenizer.encode_long(read_text(f, flag), bos=True, eos=True))
+                if f.suffix == ".jsonl":
+                    for tokens, mask in read_examples(f, tokenizer, train_on_prompt, flag):
+                        parts.append(np.asarray(tokens, dtype=np.int32))
+                        counted.append(np.asarray(mask, dtype=bool))
+                        sources.append(f)
+                else:
+                    parts.append(tokenizer.encode_long(read_text(f, flag), bos=True, eos=True))
+                    counted.append(np.ones(len(parts[-1]), dtype=bool))
+                    sources.append(f)
                 bar.update(size[f])
-        return cls(torch.from_numpy(np.concatenate(parts)), files, [len(p) for p in parts], flag)
+        mask = torch.from_numpy(np.concatenate(counted))
+        return cls(torch.from_numpy(np.concatenate(parts)), sources, [len(p) for p in parts], flag,
+                   None if bool(mask.all()) else mask)
 
     def split(self, fraction: float, seed: int) -> tuple["TokenData", "TokenData"]:
         """(training documents, held-out documents): ``fraction`` of the documents, at least one,
@@ -70,11 +128,14 @@ class TokenData:
             raise SlowftError(f"--val-fraction {fraction}: {self.flag} has {n} document; expected at least 2 to hold "
                               "some out (or pass --val-data)")
         held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()[: max(1, round(fraction * n))])
-        docs = list(zip(self.tokens.split(self.lengths), self.sources, self.lengths))
+        mask = self.counted if self.counted is not None else torch.ones(len(self), dtype=torch.bool)
+        docs = list(zip(self.tokens.split(self.lengths), self.sources, self.lengths, mask.split(self.lengths)))
 
         def part(keep) -> "TokenData":
             chosen = [d for i, d in enumerate(docs) if keep(i)]
-            return TokenData(torch.cat([t for t, _, _ in chosen]), [f for _, f, _ in chosen], [k for _, _, k in chosen], self.flag)
+            counted = torch.cat([c for *_, c in chosen])
+            return TokenData(torch.cat([t for t, *_ in chosen]), [d[1] for d in chosen], [d[2] for d in chosen], self.flag,
+                             None if bool(counted.all()) else counted)
 
         return part(lambda i: i not in held), part(lambda i: i in held)
 
@@ -83,7 +144,12 @@ class TokenData:
         evaluation: every token scored once, but a window's first)."""
         n = (len(self) - 1) // seq_len
         stream = self.tokens.long()
-        return stream[: n * seq_len].view(n, seq_len), stream[1 : n * seq_len + 1].view(n, seq_len)
+        return stream[: n * seq_len].view(n, seq_len), self._targets(stream, 1, n * seq_len + 1).view(n, seq_len)
+
+    def _targets(self, stream: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """stream[a:b] as targets: -1 where a token does not count (a prompt's)."""
+        t = stream[a:b]
+        return t if self.counted is None else t.masked_fill(~self.counted[a:b], -1)
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -93,12 +159,14 @@ class TokenData:
         h = hashlib.sha256()
         for chunk in self.tokens.split(1 << 20):  # of the int64 stream, as it was first held
             h.update(chunk.numpy().astype(np.int64).tobytes())
+        if self.counted is not None:  # (text alone: as before examples came in)
+            h.update(self.counted.numpy().tobytes())
         digest = h.hexdigest()[:16]
         return f"{len(self)} tokens, {digest}"
 
     def check(self, seq_len: int) -> None:
         if len(self) < seq_len + 1:
-            names = ", ".join(str(f) for f in self.sources)
+            names = ", ".join(dict.fromkeys(str(f) for f in self.sources))
             raise SlowftError(
                 f"{self.flag} {names}: {len(self)} tokens, shorter than one sequence; expected at least --seq-len + 1 = {seq_len + 1}"
             )
@@ -107,5 +175,7 @@ class TokenData:
         """(tokens, targets), each [batch_size, seq_len]: random windows, targets shifted by one."""
         gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
         starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=gen)
-        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()]).long()
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        stream = self.tokens.long()
+        tokens = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+        targets = torch.stack([self._targets(stream, s + 1, s + seq_len + 1) for s in starts.tolist()])
+        return tokens, targets
