@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .chat import llama2_prompt
 from .tokenizer import Tokenizer
 
 
@@ -47,6 +48,20 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
 
     def text(out):
         return tokenizer.decode(ids[1:] + out)[len(head):]
+
+    out = generate_ids(model, ids, max_new_tokens, temperature, top_p, seed, tokenizer.eos_id,
+                       on_token=(lambda o: on_text(text(o))) if on_text else None)
+    return text(out)
+
+
+def chat(model, tokenizer: Tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+         top_p: float = 1.0, seed: int | None = None, on_text=None) -> str:
+    """The assistant's answer to a conversation that ends with a user turn, in llama2's chat
+    format (the one training used, slowft.chat); it ends at the model's EOS."""
+    ids = llama2_prompt(tokenizer, messages)
+
+    def text(out):
+        return tokenizer.decode(out).strip()
 
     out = generate_ids(model, ids, max_new_tokens, temperature, top_p, seed, tokenizer.eos_id,
                        on_token=(lambda o: on_text(text(o))) if on_text else None)

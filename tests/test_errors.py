@@ -110,6 +110,7 @@ def test_hugging_face_folder(tmp_path, fails):
     assert "Hugging Face folder" in fails(finetune.main, *train_args(hf, tmp_path), source=hf)
     assert "Hugging Face folder" in fails(test_gen.main, hf, "cpu", source=hf)
     assert "no such folder" in fails(test_gen.main, tmp_path / "nowhere", "cpu")
+    assert "expected it with --chat" in fails(test_gen.main, hf, "cpu", "--system", "Be brief.")
 
 
 def test_bad_data_files(good, tmp_path, fails):

@@ -82,3 +82,29 @@ def test_held_out_loss_is_logged_and_plotted(tiny, tmp_path):
     assert all(e["eval_tokens"] > 0 and abs(e["eval_ppl"] - math.exp(e["eval_loss"])) < 1e-6 * e["eval_ppl"] for e in evals)
     assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("eval")] == ["0", "2", "4", "5"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_chat_fine_tune_answers_in_test_gen_chat(tiny, tmp_path):
+    """Chat JSONL in, llama2's chat format both ways: test_gen.py --chat answers a trained question
+    with its trained answer, for one --prompt and for turns read from stdin."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    src = tiny(dim=64, layers=2, heads=4, kv_heads=2, shards=2)
+    qa = [("Where does the Gull sail from?", "From Oskeby."), ("What does the Heron carry?", "Barley and slate.")]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]} for q, ans in qa] * 20
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    r = run_script("finetune.py", src, "--data", tmp_path / "chat.jsonl", "--steps", 40, "--batch-size", 8, "--grad-accum", 1,
+                   "--seq-len", 32, "--lr", 6e-2, "--min-lr", 1e-2, "--warmup-steps", 3, "--device", "cpu",
+                   "--ram-budget", 0, "--out", out, "--workdir", tmp_path / "w")
+    assert r.returncode == 0, r.stderr
+    g = run_script("test_gen.py", out / "model", "cpu", "--chat", "--prompt", qa[0][0])
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.strip() == qa[0][1]
+    talk = subprocess.run([sys.executable, "test_gen.py", str(out / "model"), "cpu", "--chat"], cwd=ROOT, input=qa[1][0] + "\n\n",
+                          capture_output=True, text=True, timeout=120)
+    assert talk.returncode == 0, talk.stderr
+    assert qa[1][1] in talk.stdout
