@@ -38,7 +38,7 @@ from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, def
 from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes
 from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
 from slowft.plot import write_loss_plot
-from slowft.progress import StepProgress
+from slowft.progress import RunBar, StepProgress
 from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
 from slowft.tokenizer import Tokenizer
@@ -477,6 +477,7 @@ class RunMeter:
 
     def __init__(self, model: OffloadedModel, a, log: StepLog, writes: WritePlan):
         self.model, self.a, self.log, self.writes = model, a, log, writes
+        self.bar: RunBar | None = None  # the run's bar on a terminal, while steps run
         self.started, self.io_start, self.waited_start = time.perf_counter(), model.store.stats.snapshot(), model.io.waited
         self.io_before, self.lowest = self.io_start, math.inf
         self.stepping, self.steps_run, self.first_loss, self.loss = 0.0, 0, None, None
@@ -495,8 +496,11 @@ class RunMeter:
         io, self.io_before = stats.delta(now, self.io_before), now
         read, written = sum(io["read"].values()), sum(io["written"].values())
         total_written = sum(stats.delta(now, self.io_start)["written"].values())
-        print(f"step {step:>5}/{self.a.steps}  loss {loss:.4f}  lr {lr:.2e}  {n_tokens / dt:,.0f} tok/s  {dt:.2f} s "
-              f"(SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} (run: {gb(total_written)})", flush=True)
+        if self.bar is not None and self.bar.active:  # a terminal: the run's bar; the lines below are for logs
+            self.bar.step(f"loss {loss:.4f}, {n_tokens / dt:,.0f} tok/s, SSD written {gb(total_written)}")
+        else:
+            print(f"step {step:>5}/{self.a.steps}  loss {loss:.4f}  lr {lr:.2e}  {n_tokens / dt:,.0f} tok/s  {dt:.2f} s "
+                  f"(SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} (run: {gb(total_written)})", flush=True)
         self.log.write({"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_per_s": n_tokens / dt,
                         "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
                         "written_total_bytes": total_written})
@@ -562,27 +566,9 @@ def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, val: TokenD
     log = StepLog(out / "metrics.jsonl", resumed)
     meter = RunMeter(model, a, log, writes)
     heldout = HeldOut(model, val, a, log, out) if val is not None else None
-    progress = model.on_progress = StepProgress(model.args.n_layers)
     stop_on_signals(model)
     try:
-        if a.prompt and model.step_count == 0:
-            show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
-        if heldout and model.step_count == 0:
-            heldout.evaluate(0)
-        done = model.step_count
-        if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
-            save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
-        for step in range(model.step_count, a.steps):
-            optimizer.lr = schedule(step)
-            tokens, targets = data.batch(step, a.batch_size * a.grad_accum, a.seq_len, a.seed)
-            meter.begin()
-            progress.begin(step + 1)
-            loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed, micro_batch_size=a.batch_size,
-                              **step_subset(a, model.args.n_layers, step))
-            progress.clear()
-            meter.end(step + 1, loss, optimizer.lr, tokens.numel())
-            check_collapse(loss, meter.lowest, model.args.vocab_size, step + 1)
-            between_steps(model, a, tok, out, step + 1, heldout)
+        run_steps(model, a, tok, data, out, optimizer, schedule, meter, heldout)
         final = finish(model, a, tok, out, heldout)
     except Interrupted as e:
         print(f"{e}; the work dir is consistent. Resume with:\n  {resume_command()}", file=sys.stderr)
@@ -608,6 +594,34 @@ def check_collapse(loss: float, lowest: float, vocab: int, step: int) -> None:
     if lowest < uniform - 0.1 and abs(loss - uniform) < 1e-3:
         raise Diverged(f"loss {loss:.4f} at step {step} is ln({vocab}): the model collapsed to a uniform output "
                        f"(its loss had been {lowest:.4f})")
+
+
+def run_steps(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, optimizer, schedule, meter: RunMeter,
+              heldout: "HeldOut | None") -> None:
+    """The steps still to run, each logged; on a terminal one bar for the run."""
+    if a.prompt and model.step_count == 0:
+        show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
+    if heldout and model.step_count == 0:
+        heldout.evaluate(0)
+    done = model.step_count
+    if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
+        save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
+    meter.bar = bar = RunBar(a.steps, done)
+    progress = model.on_progress = StepProgress(model.args.n_layers, bar=bar)
+    try:
+        for step in range(done, a.steps):
+            optimizer.lr = schedule(step)
+            tokens, targets = data.batch(step, a.batch_size * a.grad_accum, a.seq_len, a.seed)
+            meter.begin()
+            progress.begin(step + 1)
+            loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed, micro_batch_size=a.batch_size,
+                              **step_subset(a, model.args.n_layers, step))
+            progress.clear()
+            meter.end(step + 1, loss, optimizer.lr, tokens.numel())
+            check_collapse(loss, meter.lowest, model.args.vocab_size, step + 1)
+            between_steps(model, a, tok, out, step + 1, heldout)
+    finally:
+        bar.close()
 
 
 def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int, heldout: "HeldOut | None") -> None:

@@ -37,14 +37,38 @@ def progress(total: int, desc: str, initial: int = 0, enabled: bool = True, leav
     return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, leave=leave, disable=not enabled)
 
 
+class RunBar:
+    """One bar for the whole run on a terminal: steps done, the run's ETA, and the last step's
+    loss, tokens/s and the SSD written so far; the step in hand's progress as its description.
+    Not on a log file: there the step lines are the record (``active`` is False)."""
+
+    def __init__(self, total: int, initial: int, stream=None):
+        stream = stream or sys.stderr
+        self.active = stream.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True) if self.active else None
+
+    def step(self, status: str) -> None:
+        self.bar.set_postfix_str(status, refresh=False)
+        self.bar.update(1)
+
+    def describe(self, text: str) -> None:
+        self.bar.set_description_str(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class StepProgress:
     """Where a long step is: phase, unit k of n, micro-batch j of K, and the step's ETA, from the
     share of its work done (a backward unit costs about three forward ones: recompute, then
-    backpropagate). Redrawn in place on a terminal, a line every 30 s in a log file."""
+    backpropagate). On a terminal in the run's bar (or a line redrawn in place), a line every 30 s
+    in a log file."""
 
-    def __init__(self, n_layers: int, stream=None):
+    def __init__(self, n_layers: int, stream=None, bar: RunBar | None = None):
         self.n_layers, self.stream = n_layers, stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.bar = bar if bar is not None and bar.active else None
+        self.tty = self.bar is not None or self.stream.isatty()
         self.start = self.last = time.monotonic()
         self.shown = False
 
@@ -64,7 +88,9 @@ class StepProgress:
         eta = (now - self.start) * (1 - share) / share if share > 0 else float("nan")
         text = (f"step {self.step}: {phase} unit {k + 1}/{n}, micro-batch {j + 1}/{n_micro}, "
                 f"{share:.0%}, step ETA {_duration(eta)}")
-        if self.tty:
+        if self.bar is not None:
+            self.bar.describe(text)
+        elif self.tty:
             print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
             self.shown = True
         else:

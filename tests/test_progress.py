@@ -34,3 +34,26 @@ def test_a_long_step_says_where_it_is(monkeypatch):
         assert "step 7: forward unit 2/3, micro-batch 2/2, 10%, step ETA 1m30s" in text
         assert "step 7: backward unit 1/4, micro-batch 1/2, 20%, step ETA 1m20s" in text
         assert text.count(sep) >= 2
+
+
+def test_a_run_on_a_terminal_has_one_bar():
+    """On a terminal the run is one bar (steps, ETA, the last step's loss, tokens/s, SSD written)
+    that also shows where the step in hand is; in a log file there is no bar at all."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    bar = progress_module.RunBar(total=10, initial=4, stream=term)
+    inside = progress_module.StepProgress(n_layers=2, stream=term, bar=bar)
+    inside.last = -1e9  # (not throttled)
+    inside.begin(5)
+    inside("backward", 1, 4, 0, 2)
+    bar.step("loss 1.2345, 99 tok/s, SSD written 1.00 GB")
+    bar.close()
+    text = term.getvalue()
+    assert "5/10" in text and "loss 1.2345, 99 tok/s, SSD written 1.00 GB" in text and "step 5: backward unit 2/4" in text
+    log = io.StringIO()
+    assert not progress_module.RunBar(total=10, initial=0, stream=log).active and log.getvalue() == ""
