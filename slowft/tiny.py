@@ -26,7 +26,8 @@ TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
 
 def train_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> int:
     """Trains a llama2-style BPE sentencepiece model; returns its vocab size."""
-    lines = [line for f in text_files(corpus) for line in read_text(f).splitlines() if line.strip()]
+    files = [f for f in text_files(corpus) if f.suffix != ".jsonl"]  # the prose (test_data's chat examples aside)
+    lines = [line for f in files for line in read_text(f).splitlines() if line.strip()]
     buf = io.BytesIO()
     if vocab_size < 260:  # byte fallback's 256 pieces, the three special ones and one more
         raise SlowftError(f"--vocab {vocab_size}: expected at least 260 (byte fallback alone takes 259)")
