@@ -39,9 +39,6 @@ class Activations:
         order = [(i, j) for i in sorted(needed, reverse=True) for j in range(n_micro)]
         self.kept, self.needed, self.once = set(order[:fit]), set(needed), {once}
 
-    def kept_bytes(self, x_bytes: int) -> int:
-        return x_bytes * (len(self.kept) + self.flow)
-
     # -- forward: the input of block i for micro-batch j
 
     def put_input(self, i: int, j: int, x: torch.Tensor) -> None:
