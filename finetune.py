@@ -356,6 +356,9 @@ def held_out(a, tok: Tokenizer) -> tuple[TokenData, TokenData | None]:
     data.check(a.seq_len)
     if val is not None:
         val.check(a.seq_len)
+    if data.examples and data.truncated(a.seq_len):
+        print(f"data: {data.truncated(a.seq_len)} of {len(data.lengths)} examples are longer than --seq-len {a.seq_len}; "
+              "their ends are cut off")
     return data, val
 
 
@@ -611,17 +614,25 @@ def run_steps(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Pa
     try:
         for step in range(done, a.steps):
             optimizer.lr = schedule(step)
-            tokens, targets = data.batch(step, a.batch_size * a.grad_accum, a.seq_len, a.seed)
+            tokens, targets, segments = batch_of(data, a, step)
             meter.begin()
             progress.begin(step + 1)
             loss = model.step(tokens, targets, optimizer, dropout=a.dropout, seed=a.seed, micro_batch_size=a.batch_size,
-                              **step_subset(a, model.args.n_layers, step))
+                              segments=segments, **step_subset(a, model.args.n_layers, step))
             progress.clear()
             meter.end(step + 1, loss, optimizer.lr, tokens.numel())
             check_collapse(loss, meter.lowest, model.args.vocab_size, step + 1)
             between_steps(model, a, tok, out, step + 1, heldout)
     finally:
         bar.close()
+
+
+def batch_of(data: TokenData, a, step: int):
+    """The step's rows: whole examples packed (JSONL), or windows of the text's stream."""
+    rows = a.batch_size * a.grad_accum
+    if data.examples:
+        return data.packed_batch(step, rows, a.seq_len, a.seed)
+    return (*data.batch(step, rows, a.seq_len, a.seed), None)
 
 
 def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int, heldout: "HeldOut | None") -> None:

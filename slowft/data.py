@@ -120,6 +120,45 @@ class TokenData:
         return cls(torch.from_numpy(np.concatenate(parts)), sources, [len(p) for p in parts], flag,
                    None if bool(mask.all()) else mask)
 
+    @property
+    def examples(self) -> bool:
+        """Whether this is JSONL examples only: then a batch packs whole examples into rows
+        (``packed_batch``) rather than cutting windows from the stream."""
+        return all(Path(f).suffix == ".jsonl" for f in self.sources)
+
+    def truncated(self, seq_len: int) -> int:
+        """How many examples are longer than a row (their ends are cut off when packed)."""
+        return sum(n - 1 > seq_len for n in self.lengths)
+
+    def packed_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0):
+        """(tokens, targets, segments), each [batch_size, seq_len]: whole examples, in an order
+        drawn by (seed, step), packed one after another into rows (one too long for a row is cut
+        to fit it); an example's id in ``segments`` (0 where a row is padded), so attention stays
+        within it. Targets are the next token within the example, -1 where it does not count."""
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        offsets = [0] + np.cumsum(self.lengths).tolist()
+        stream = self.tokens.long()
+        tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        targets = torch.full((batch_size, seq_len), -1, dtype=torch.long)
+        segments = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        k = 0
+        for row in range(batch_size):
+            at, seg = 0, 1
+            while True:
+                e = order[k % len(order)]
+                n = min(self.lengths[e] - 1, seq_len)  # inputs: all but the last token
+                if at and at + n > seq_len:
+                    break  # the next row starts with it
+                a = offsets[e]
+                tokens[row, at : at + n] = stream[a : a + n]
+                targets[row, at : at + n] = self._targets(stream, a + 1, a + n + 1)
+                segments[row, at : at + n] = seg
+                at, seg, k = at + n, seg + 1, k + 1
+                if at == seq_len:
+                    break
+        return tokens, targets, segments
+
     def split(self, fraction: float, seed: int) -> tuple["TokenData", "TokenData"]:
         """(training documents, held-out documents): ``fraction`` of the documents, at least one,
         chosen by ``seed``, so a resumed run holds out the same ones."""

@@ -180,7 +180,7 @@ class BlockUpdate:
                     p.register_post_accumulate_grad_hook(functools.partial(_on_grad, self.updates, name))
         return params
 
-    def forward(self, inp: torch.Tensor, rope, drop=None, output: bool = False, need_input: bool = True):
+    def forward(self, inp: torch.Tensor, rope, drop=None, output: bool = False, need_input: bool = True, mask=None):
         """Runs the block on ``inp`` for a backward to follow; with ``output``, returns the block's
         output too (its rest made outside autograd: the top block's forward, whose backward
         follows the head's without a recompute)."""
@@ -190,7 +190,7 @@ class BlockUpdate:
             matrices = {id(p): functools.partial(self.updates.take, name) for name, p in self.params.items()
                         if p.dim() == 2 and name != W2}
         with torch.enable_grad(), _SlicedLinears(matrices) if matrices else contextlib.nullcontext():
-            self.out = h, x1, x3 = self.block_fn(self.params, self.x, rope, drop=drop, split=True)
+            self.out = h, x1, x3 = self.block_fn(self.params, self.x, rope, drop=drop, split=True, mask=mask)
         self.drop = drop
         if not output:
             return None

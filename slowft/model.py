@@ -70,10 +70,11 @@ def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved pairs (x[2i], x[2i+1]) as Meta's complex multiply does. x: [B, T, H, D]."""
+    """Rotates interleaved pairs (x[2i], x[2i+1]) as Meta's complex multiply does. x: [B, T, H, D];
+    cos, sin: [T, D/2], or [B, T, D/2] where each row has positions of its own (packed examples)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -152,7 +153,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None):
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None, mask=None):
+        """``mask``: which keys each query sees, bool [B, 1, T, S] (packed examples: causal within
+        each example); None: causal over the whole row."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -166,8 +169,7 @@ class Attention(nn.Module):
         if rep > 1:  # (a copy of each: not made for plain multi-head attention)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         S = k.shape[2]
-        mask = None
-        if T > 1:  # causal; with a cache, query t sees keys up to start_pos + t
+        if mask is None and T > 1:  # causal; with a cache, query t sees keys up to start_pos + t
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         if drop is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -217,12 +219,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None, split: bool = False):
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, drop=None, split: bool = False, mask=None):
         """The block's output; with ``split``, (h, x1, x3) where the FFN's gate starts, the output
         being ``h + w2(swiglu(x1, x3))`` (then dropout). A backward recompute stops there: it
         needs w2's input, not its product (~5 % of a block's training step), and takes the
         gate's gradients by hand (swiglu_grads) rather than keep its activations for autograd."""
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, drop)
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, drop, mask)
         if split:
             ffn, x = self.feed_forward, self.ffn_norm(h)
             return h, ffn.w1(x), ffn.w3(x)
@@ -259,6 +261,13 @@ class Transformer(nn.Module):
         for block in self.layers:
             h = block_fn(block, h, rope) if block_fn else block(h, rope)
         return self.output(self.norm(h)).float()
+
+
+def packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: query t sees key s where both belong to one example and s <= t."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :]).logical_and_(causal)[:, None]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

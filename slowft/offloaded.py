@@ -255,8 +255,9 @@ class OffloadedModel:
             self.cache.release(units.EMBEDDING)
         return h if drop is None else drop(h, "out")
 
-    def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None, split=False):
-        return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop, "split": split})
+    def block_fn(self, w, x, rope, start_pos=0, kv=None, drop=None, split=False, mask=None):
+        return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop, "split": split,
+                                                           "mask": mask})
 
     def head_fn(self, w, h):
         return functional_call(self._head, w, (h,))
@@ -304,16 +305,17 @@ class OffloadedModel:
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0,
              micro_batch_size: int | None = None, train_layers=None, train_embedding: bool = True,
-             train_head: bool = True) -> float:
+             train_head: bool = True, segments: torch.Tensor | None = None) -> float:
         """One fused forward, backward and update; returns the loss (the mean over the targets
         that are >= 0). ``tokens`` and ``targets`` [N, T] run as N / ``micro_batch_size``
         micro-batches (None: one) through each unit, read and written once. ``train_layers``
         (block indices; None: all), ``train_embedding`` and ``train_head`` choose what is
-        updated: the rest is read, never written."""
+        updated: the rest is read, never written. ``segments`` [N, T]: rows packed with several
+        examples, an id each: attention stays within an example, positions restart with it."""
         self.usable()
         return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed,
                                 micro_batch_size=micro_batch_size, train_layers=train_layers,
-                                train_embedding=train_embedding, train_head=train_head)
+                                train_embedding=train_embedding, train_head=train_head, segments=segments)
 
     def writer(self, seed: int, step: int, unit: str):
         """name -> how the optimizer stores tensor ``name`` of ``unit`` (a weight, or a state

@@ -30,29 +30,33 @@ from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .fused import BlockUpdate, EmbeddingUpdate, HeadUpdate
 from .heap import release_free_heap
-from .model import SeededDropout
+from .model import SeededDropout, packed_mask
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index
 from .plan import StepPlan, activation_plan, commit_every, plan_step
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
 
 
-def batch_id(tokens: torch.Tensor, targets: torch.Tensor, plan: StepPlan) -> str:
+def batch_id(tokens: torch.Tensor, targets: torch.Tensor, plan: StepPlan, segments=None) -> str:
     h = hashlib.sha256(tokens.cpu().numpy().tobytes())
     h.update(targets.cpu().numpy().tobytes())
+    if segments is not None:
+        h.update(segments.cpu().numpy().tobytes())
     h.update(plan.key().encode())
     return h.hexdigest()[:16]
 
 
 def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dropout: float = 0.0, seed: int = 0,
                micro_batch_size: int | None = None, train_layers=None, train_embedding: bool = True,
-               train_head: bool = True) -> float:
+               train_head: bool = True, segments: torch.Tensor | None = None) -> float:
     if tokens.dim() != 2 or targets.shape != tokens.shape:
         raise SlowftError(f"step: tokens and targets must both be [batch, seq]; got {list(tokens.shape)} and {list(targets.shape)}")
     if tokens.shape[1] > model.args.max_seq_len:
         raise SlowftError(f"--seq-len {tokens.shape[1]}: above the model's limit of {model.args.max_seq_len}")
     plan = plan_step(model.args.n_layers, tokens.shape[0], micro_batch_size, train_layers, train_embedding, train_head)
-    return _Step(model, tokens, targets, optimizer, plan, dropout, seed).run()
+    if segments is not None and segments.shape != tokens.shape:
+        raise SlowftError(f"step: segments must be [batch, seq] like tokens; got {list(segments.shape)}")
+    return _Step(model, tokens, targets, optimizer, plan, dropout, seed, segments).run()
 
 
 def _plan_activations(model, plan: StepPlan, x_bytes: int, done: int) -> bool:
@@ -65,11 +69,12 @@ def _plan_activations(model, plan: StepPlan, x_bytes: int, done: int) -> bool:
 
 
 class _Step:
-    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int):
+    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int, segments=None):
         self.model, self.optimizer, self.plan, self.seed = model, optimizer, plan, seed
         self.t = model.step_count
         self.tokens, self.targets = tokens.to(model.device), targets.to(model.device)
-        self.batch = batch_id(self.tokens, self.targets, plan)
+        self.segments = segments.to(model.device) if segments is not None else None
+        self.batch = batch_id(self.tokens, self.targets, plan, self.segments)
         sweep = model.sweep
         if sweep is not None and sweep["batch"] != self.batch:
             raise SlowftError(f"{model.store.root}: the unfinished step {self.t} used a different batch or plan; resume with "
@@ -89,6 +94,22 @@ class _Step:
 
     def piece(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[j * self.plan.micro : (j + 1) * self.plan.micro]
+
+    def rope_of(self, j: int):
+        """Micro-batch j's rotary angles: by position in the row, or with packed examples
+        (``segments``) by position in each example, which restarts with it."""
+        if self.segments is None:
+            return self.rope
+        seg = self.piece(self.segments, j)
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        index = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+        pos = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+        cos, sin = self.rope
+        return cos[pos], sin[pos]
+
+    def mask_of(self, j: int):
+        return None if self.segments is None else packed_mask(self.piece(self.segments, j))
 
     def run(self) -> float:
         m, L, done = self.model, self.model.args.n_layers, self.done
@@ -133,7 +154,7 @@ class _Step:
             faults.hit("forward_block")
             if trick and i == L - 1:
                 self.top = self.open_block(i)
-                h = self.top.forward(self.acts.forward_input(i, 0), self.rope, self.at(i, 0), output=True)
+                h = self.top.forward(self.acts.forward_input(i, 0), self.rope_of(0), self.at(i, 0), output=True, mask=self.mask_of(0))
                 self.acts.put_input(L, 0, h)
             else:
                 self.forward_block(i)
@@ -161,7 +182,7 @@ class _Step:
                 x = acts.forward_input(i, j)
                 if j + 1 < K:
                     acts.prefetch_forward_input(i, j + 1)
-                acts.put_input(i + 1, j, m.block_fn(w, x, self.rope, drop=self.at(i, j)))
+                acts.put_input(i + 1, j, m.block_fn(w, x, self.rope_of(j), drop=self.at(i, j), mask=self.mask_of(j)))
         finally:
             m.cache.release(layer(i))
 
@@ -214,7 +235,7 @@ class _Step:
                     acts.prefetch_input(i - 1, 0)
                 m.progress("backward", k, len(self.bwd), j, K)
                 faults.hit("backward_micro")
-                u.forward(x, self.rope, self.at(i, j), need_input=need_input)
+                u.forward(x, self.rope_of(j), self.at(i, j), need_input=need_input, mask=self.mask_of(j))
                 return u.backward(g, last=j == K - 1)
 
             passes = [lambda j=j: micro(j) for j in range(K)]

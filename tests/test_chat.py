@@ -64,3 +64,31 @@ def test_prompt_completion_and_text_examples_and_their_targets(tok, tmp_path):
     empty.write_text("\n")
     with pytest.raises(SlowftError, match="file is empty"):
         TokenData.from_files([empty], tok)
+
+
+def test_examples_are_packed_whole_into_rows(tok, tmp_path):
+    """JSONL examples go into rows whole, one after another, each with an id of its own (0 where
+    a row is padded); one longer than a row is cut to fit it, and counted."""
+    path = tmp_path / "data.jsonl"
+    texts = ["one two three", "the ferry left the quay at dawn", "salt", "a long one " * 12]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    data = TokenData.from_files([path], tok)
+    assert data.examples and data.truncated(16) >= 1 and data.truncated(1000) == 0
+    tokens, targets, segments = data.packed_batch(step=0, batch_size=4, seq_len=16, seed=1)
+    offsets = [0] + torch.tensor(data.lengths).cumsum(0).tolist()
+    found = []
+    for row in range(4):
+        for seg in segments[row].unique().tolist():
+            if seg == 0:
+                assert (targets[row][segments[row] == 0] == -1).all()
+                continue
+            at = (segments[row] == seg).nonzero().squeeze(1)
+            assert torch.equal(at, torch.arange(at[0], at[-1] + 1))  # contiguous
+            piece = tokens[row, at].tolist()
+            e = next(k for k in range(4) if data.tokens[offsets[k] : offsets[k] + len(piece)].tolist() == piece)
+            assert len(piece) == min(data.lengths[e] - 1, 16)  # whole (but its last token), or cut to the row
+            assert targets[row, at].tolist() == data.tokens[offsets[e] + 1 : offsets[e] + 1 + len(piece)].tolist()
+            found.append(e)
+    assert set(found) == {0, 1, 2, 3}
+    assert not TokenData.from_files([tmp_path / "data.jsonl"], tok).packed_batch(0, 4, 16, 1)[0].equal(
+        TokenData.from_files([tmp_path / "data.jsonl"], tok).packed_batch(1, 4, 16, 1)[0])  # a new order each step

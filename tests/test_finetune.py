@@ -97,10 +97,11 @@ def test_a_chat_fine_tune_answers_in_test_gen_chat(tiny, tmp_path):
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]} for q, ans in qa] * 20
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "run"
-    r = run_script("finetune.py", src, "--data", tmp_path / "chat.jsonl", "--steps", 40, "--batch-size", 8, "--grad-accum", 1,
-                   "--seq-len", 32, "--lr", 6e-2, "--min-lr", 1e-2, "--warmup-steps", 3, "--device", "cpu",
+    r = run_script("finetune.py", src, "--data", tmp_path / "chat.jsonl", "--steps", 60, "--batch-size", 8, "--grad-accum", 1,
+                   "--seq-len", 64, "--lr", 6e-2, "--min-lr", 1e-2, "--warmup-steps", 3, "--device", "cpu",
                    "--ram-budget", 0, "--out", out, "--workdir", tmp_path / "w")
     assert r.returncode == 0, r.stderr
+    assert "longer than --seq-len" not in r.stdout  # every example whole in its row
     g = run_script("test_gen.py", out / "model", "cpu", "--chat", "--prompt", qa[0][0])
     assert g.returncode == 0, g.stderr
     assert g.stdout.strip() == qa[0][1]

@@ -205,3 +205,41 @@ def test_head_only_and_frozen_head(gqa_model, tmp_path):
         last = dict(model.named_tensors())
         assert torch.equal(last["output.weight"], after["output.weight"])
         assert not torch.equal(last["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])
+
+
+@pytest.mark.parametrize("micro", [None, 1], ids=["one-micro-batch", "two-micro-batches"])
+def test_packed_examples_equal_each_example_alone(gqa_model, tmp_path, micro):
+    """Rows packed with several examples (segments): attention never crosses from one into the
+    next and positions restart with each, through the forward, the recompute and the top block's
+    kept graph. The loss and every weight after an SGD step equal plain autograd running each
+    example alone (the loss the mean over every counted target of the step)."""
+    params = json.loads((gqa_model / "params.json").read_text())
+    start = load_meta(gqa_model)
+    ram = Transformer(ModelArgs.from_params(params, vocab_size=512))
+    ram.load_state_dict({k: v for k, v in start.items() if k != "rope.freqs"})
+    g = torch.Generator().manual_seed(7)
+    lengths = [[5, 7, 4], [9, 7]]  # two rows of 16
+    tokens = torch.randint(0, 512, (2, 16), generator=g)
+    targets = torch.randint(0, 512, (2, 16), generator=g)
+    targets[0, 4] = targets[1, 8] = -1  # an example's last token: nothing to predict within it
+    segments = torch.cat([torch.repeat_interleave(torch.arange(1, len(r) + 1), torch.tensor(r))[None] for r in lengths])
+    n = (targets >= 0).sum()
+    want = 0.0
+    for b in range(2):
+        for e in range(1, len(lengths[b]) + 1):
+            keep = segments[b] == e
+            t = targets[b][keep]
+            loss = F.cross_entropy(ram(tokens[b][keep][None])[0], t.clamp(min=0), reduction="none")[t >= 0].sum() / n
+            loss.backward()
+            want += loss.item()
+    with torch.no_grad():
+        for p in ram.parameters():
+            p -= 1.0 * p.grad
+    with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
+        got = model.step(tokens, targets, slowft.SGD(lr=1.0), micro_batch_size=micro, segments=segments)
+        assert got == pytest.approx(want, rel=1e-5)
+        assert_same(model, dict(ram.named_parameters()), start)
+        # and not what one unpacked row would give: the mask and the positions matter
+        unpacked = model.step(tokens, targets, slowft.SGD(lr=0.0), micro_batch_size=micro)
+        packed = model.step(tokens, targets, slowft.SGD(lr=0.0), micro_batch_size=micro, segments=segments)
+        assert abs(unpacked - packed) > 1e-3
