@@ -542,9 +542,9 @@ class HeldOut:
                 total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.y[s : s + self.batch].flatten(),
                                                            ignore_index=-1, reduction="sum").item()
         loss = total / max(1, counted)
-        print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):,.2f}  "
-              f"({counted:,} tokens)", flush=True)
-        self.log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": counted})
+        ppl = math.exp(min(loss, 50))
+        print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {ppl:,.2f}  ({counted:,} tokens)", flush=True)
+        self.log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": counted})
         self.last = step
         write_loss_plot(self.log.path, self.out / "loss.png", str(self.model.meta["source"]["path"]))
         return loss

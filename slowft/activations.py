@@ -27,14 +27,14 @@ class Activations:
         self.grad_names: dict[tuple[int, int], str] = {}
         self.journaled: set[str] = set()  # spilled gradients a journal commit names: their files stay
         self.reading: dict[str, Future] = {}
-        self.n_micro, self.flow, self.kept, self.needed, self.once = 1, 1, set(), set(), set()
+        self.flow, self.kept, self.needed, self.once = 1, set(), set(), set()
 
     def start(self, n_micro: int, x_bytes: int, needed: list[int], once: int | None = None) -> None:
         """A new step (or the rest of one): ``needed``, the block inputs its backward reads (top
         first); ``once``, an input read only once, by the next unit (the head's)."""
         self.clear()
         fit = self.budget // max(1, x_bytes)
-        self.n_micro, self.flow = n_micro, min(n_micro, 1 + fit)
+        self.flow = min(n_micro, 1 + fit)
         fit -= self.flow - 1
         order = [(i, j) for i in sorted(needed, reverse=True) for j in range(n_micro)]
         self.kept, self.needed, self.once = set(order[:fit]), set(needed), {once}

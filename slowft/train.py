@@ -88,6 +88,7 @@ class _Step:
         self.acts = model.activations
         self.top: BlockUpdate | None = None  # the top block, its graph kept from the forward
         self.spilled: dict[int, object] = {}  # micro-batch -> the write of its gradient, spilled for a commit
+        self.ropes: dict[int, tuple] = {}  # micro-batch -> its packed examples' rotary angles
 
     def at(self, layer_: int | str, j: int):
         return self.drop.at(layer_, j) if self.drop else None
@@ -97,10 +98,15 @@ class _Step:
 
     def rope_of(self, j: int):
         """Micro-batch j's rotary angles: by position in the row, or with packed examples
-        (``segments``) by position in each example, which restarts with it."""
+        (``segments``) by position in each example, which restarts with it (gathered once a step:
+        every block's forward and recompute uses them)."""
         if self.segments is None:
             return self.rope
-        seg = self.piece(self.segments, j)
+        if j not in self.ropes:
+            self.ropes[j] = self._packed_rope(self.piece(self.segments, j))
+        return self.ropes[j]
+
+    def _packed_rope(self, seg: torch.Tensor):
         starts = torch.ones_like(seg, dtype=torch.bool)
         starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
         index = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
@@ -217,33 +223,35 @@ class _Step:
         return BlockUpdate(master, m.compute_dtype, m.block_fn, self.optimizer, self.t + 1, m.writer(self.seed, self.t + 1, unit), trained)
 
     def backward_block(self, k: int, i: int) -> None:
-        m, acts, K = self.model, self.acts, self.plan.n_micro
+        m, K = self.model, self.plan.n_micro
         need_input = k + 1 < len(self.bwd)
-        if self.top is not None:
-            u, self.top = self.top, None
+        kept, self.top = self.top, None
+        if kept is not None:  # (one micro-batch) its graph kept from the forward: no recompute
             m.cache.advance(layer(i))  # read ahead from here (its forward was long ago)
-            passes = [lambda: u.backward(acts.grad(i, 0))]
-        else:
-            u = self.open_block(i)
-
-            def micro(j: int):
-                x, g = acts.input(i, j), acts.grad(i, j)
-                if j + 1 < K:
-                    acts.prefetch_input(i, j + 1)
-                    acts.prefetch_grad(i, j + 1)
-                elif i > 0:
-                    acts.prefetch_input(i - 1, 0)
-                m.progress("backward", k, len(self.bwd), j, K)
-                faults.hit("backward_micro")
-                u.forward(x, self.rope_of(j), self.at(i, j), need_input=need_input, mask=self.mask_of(j))
-                return u.backward(g, last=j == K - 1)
-
-            passes = [lambda j=j: micro(j) for j in range(K)]
-        for j, run in enumerate(passes):
-            g_in = run()
+        u = kept if kept is not None else self.open_block(i)
+        for j in range(K):
+            if kept is not None:
+                g_in = u.backward(self.acts.grad(i, 0))
+            else:
+                g_in = self.recompute_block(u, k, i, j, need_input)
             if need_input:
                 self.put_grad(k, i - 1, j, g_in)
         self.finish(layer(i), u)
+
+    def recompute_block(self, u: BlockUpdate, k: int, i: int, j: int, need_input: bool):
+        """Micro-batch j through block i again, from its saved input, and back: the input's
+        gradient (the weights updated with the last micro-batch's)."""
+        acts, K = self.acts, self.plan.n_micro
+        x, g = acts.input(i, j), acts.grad(i, j)
+        if j + 1 < K:
+            acts.prefetch_input(i, j + 1)
+            acts.prefetch_grad(i, j + 1)
+        elif i > 0:
+            acts.prefetch_input(i - 1, 0)
+        self.model.progress("backward", k, len(self.bwd), j, K)
+        faults.hit("backward_micro")
+        u.forward(x, self.rope_of(j), self.at(i, j), need_input=need_input, mask=self.mask_of(j))
+        return u.backward(g, last=j == K - 1)
 
     def backward_head(self, k: int) -> None:
         m, acts, K, L = self.model, self.acts, self.plan.n_micro, self.model.args.n_layers
