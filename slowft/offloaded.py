@@ -179,6 +179,7 @@ class OffloadedModel:
         updated = set(self.backward_order()[: self.sweep["done"]] if self.sweep else [])
         if any(versions[u] > self.step_count + (u in updated) for u in self.forward_order()):  # (frozen units lag)
             raise SlowftError(f"{store.root / 'journal.json'}: unit versions disagree with step {self.step_count}; pass --reset-workdir")
+        # the gradients the journal names: one file per micro-batch ("grad": one, before micro-batches)
         self.grad_files: list[str] = (self.sweep.get("grads") or [self.sweep["grad"]]) if self.sweep else []
         store.collect_garbage(versions, set(self.grad_files))
         self.unit_bytes = {u: store.unit_bytes(u, v) for u, v in versions.items()}

@@ -330,12 +330,11 @@ class _Step:
         self.model.commit({"done": k, "grads": names, "loss": self.loss, "batch": self.batch}, grads)
 
     def load_journaled_grads(self) -> None:
-        m, sweep = self.model, self.model.sweep
+        m = self.model
         if self.done > len(self.bwd) - 1:
             return
-        names = sweep.get("grads") or [sweep["grad"]]  # (one file, before micro-batches)
         i = self.flow_index(self.done)
-        for j, name in enumerate(names):
+        for j, name in enumerate(m.grad_files):  # the files the journal names (OffloadedModel read them)
             self.acts.put_grad(i, j, m.store.read_scratch(name, "grads").to(m.device))
 
     def stop(self, k: int):
