@@ -33,8 +33,8 @@ from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
 from slowft.loader import (DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params,
                            unit_shapes)
-from slowft.offloaded import (OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir, pick_device,
-                              workdir_path)
+from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
+                              pick_device, workdir_path)
 from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes
 from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
 from slowft.plot import write_loss_plot
@@ -45,10 +45,11 @@ from slowft.tokenizer import Tokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
-                "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding", "train_layers", "lisa", "train_on_prompt",
-                "freeze_embeddings", "freeze_head")
-# Each moves weights by a similar small amount a step (slowft's adalite: each tensor by lr of its
-# norm); chosen from bench/bench_quality.py's sweeps (bench/NOTES.md).
+                "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding",
+                "train_layers", "lisa", "train_on_prompt", "freeze_embeddings", "freeze_head")
+# For llama2-sized models, each moving weights by ~0.05-0.1 % a step (adalite: each tensor by lr
+# of its norm; adamw's is llama2 fine-tunes' usual): extrapolated, not measured here (README,
+# "Which optimizer"; bench/bench_quality.py measured a dim-256 model only).
 DEFAULT_LR = {"adalite": 1e-3, "adalomo": 5e-4, "adamw": 1e-5, "sgd": 1e-3}
 DEMO_LR = {"adalite": 6e-2, "adalomo": 3e-2, "adamw": 1e-3, "sgd": 0.5}  # a tiny random model takes large steps
 DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
@@ -96,7 +97,7 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="the work dir's weights: bfloat16 halves its size and SSD writes (updates rounded stochastically)")
-    ap.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+    ap.add_argument("--rounding", choices=list(ROUNDINGS), default="stochastic",
                     help="how bfloat16 storage rounds each update: stochastic keeps updates below bf16's resolution "
                          "(on average), nearest loses them")
     ap.add_argument("--train-layers", metavar="A-B", help="train only blocks A to B (inclusive, 0-based); the rest is read, never written")
