@@ -31,6 +31,7 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
+from slowft.model import mean_loss
 from slowft.loader import (DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params,
                            unit_shapes)
 from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
@@ -536,13 +537,8 @@ class HeldOut:
         self.last = None
 
     def evaluate(self, step: int) -> float:
-        total, counted = 0.0, int((self.y >= 0).sum())
-        with torch.no_grad():
-            for s in range(0, len(self.x), self.batch):
-                logits = self.model.logits(self.x[s : s + self.batch])
-                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.y[s : s + self.batch].flatten(),
-                                                           ignore_index=-1, reduction="sum").item()
-        loss = total / max(1, counted)
+        counted = int((self.y >= 0).sum())
+        loss = mean_loss(self.model.logits, self.x, self.y, self.batch)
         ppl = math.exp(min(loss, 50))
         print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {ppl:,.2f}  ({counted:,} tokens)", flush=True)
         self.log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": counted})

@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import slowft  # noqa: E402
 from slowft.data import TokenData  # noqa: E402
-from slowft.model import ModelArgs, Transformer, cross_entropy  # noqa: E402
+from slowft.model import ModelArgs, Transformer, cross_entropy, mean_loss  # noqa: E402
 from slowft.optim import cosine_with_warmup, make_optimizer  # noqa: E402
 from slowft.tiny import train_tokenizer, write_model  # noqa: E402
 
@@ -130,29 +129,17 @@ def pretrain(root: Path, a) -> tuple[Path, dict]:
     return write_model(root / "model", params, model, tok_path, shards=1, dtype="float32"), report
 
 
-def split_documents(folder: Path, tok: slowft.Tokenizer) -> tuple[TokenData, torch.Tensor]:
-    """(training stream, held-out windows): the last tenth of the documents held out, as
-    fixed windows of the held-out stream (targets -1 past a document's end)."""
+def split_documents(folder: Path, tok: slowft.Tokenizer) -> tuple[TokenData, TokenData]:
+    """(training documents, held-out documents): the last tenth of the documents held out."""
     files = sorted(folder.glob("*.txt"))
     n_val = len(files) // 10
-    train = TokenData.from_files(files[:-n_val], tok)
-    held = TokenData.from_files(files[-n_val:], tok).tokens.long()
-    return train, held
-
-
-def held_out_windows(held: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = (held.numel() - 1) // seq
-    x = held[: n * seq].view(n, seq)
-    y = held[1 : n * seq + 1].view(n, seq)
-    return x, y
+    return TokenData.from_files(files[:-n_val], tok), TokenData.from_files(files[-n_val:], tok)
 
 
 # ----------------------------------------------------------------------------- one fine-tune
 
 def evaluate(logits_fn, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return sum(F.cross_entropy(logits_fn(x[i : i + 8]).reshape(-1, logits_fn.vocab), y[i : i + 8].reshape(-1),
-                                   reduction="sum").item() for i in range(0, len(x), 8)) / y.numel()
+    return mean_loss(logits_fn, x, y, batch=8)
 
 
 def finetune_torch(src: Path, lr: float, data: TokenData, val, a) -> dict:
@@ -163,8 +150,7 @@ def finetune_torch(src: Path, lr: float, data: TokenData, val, a) -> dict:
     model.load_state_dict({k: v.float() for k, v in weights.items() if k != "rope.freqs"})
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = cosine_with_warmup(lr, a.steps, a.warmup, lr / 10)
-    logits = lambda x: model(x)  # noqa: E731
-    logits.vocab = model.args.vocab_size
+    logits = model
     curve, times = [evaluate(logits, *val)], []
     for step in range(a.steps):
         for group in opt.param_groups:
@@ -187,8 +173,7 @@ def finetune_slowft(src: Path, name: str, lr: float, data: TokenData, val, a, wo
     sched = cosine_with_warmup(lr, a.steps, a.warmup, lr / 10)
     with slowft.load(src, workdir=work, device="cpu", storage_dtype=storage, ram_budget=0, progress=False,
                      reset_workdir=True) as model:
-        logits = lambda x: model.logits(x)  # noqa: E731
-        logits.vocab = model.args.vocab_size
+        logits = model.logits
         curve, times, written = [evaluate(logits, *val)], [], []
         for step in range(a.steps):
             opt.lr = sched(step)
@@ -297,7 +282,7 @@ def main() -> None:
         root = Path(tmp)
         src, pre = pretrain(root, a)
         data, held = split_documents(root / "finetune", slowft.Tokenizer(src / "tokenizer.model"))
-        val = held_out_windows(held, a.seq)
+        val = held.windows(a.seq)
         print(f"fine-tuning on {len(data):,} tokens, {val[1].numel():,} held out; {a.steps} steps of {a.batch} x {a.seq}", flush=True)
         runs = sweep(src, data, val, a, root / "work")
         chosen = best(runs)

@@ -256,14 +256,9 @@ def scored_windows(stream: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.
 
 
 def mean_loss(model, windows) -> float:
-    import torch.nn.functional as F
+    from slowft.model import mean_loss as held_out_loss
 
-    tokens, targets = windows
-    total = 0.0
-    for i in range(0, tokens.shape[0], 16):
-        logits = model.logits(tokens[i:i + 16])
-        total += F.cross_entropy(logits.flatten(0, 1), targets[i:i + 16].flatten(), ignore_index=-1, reduction="sum").item()
-    return total / int((targets >= 0).sum())
+    return held_out_loss(model.logits, *windows, batch=16)
 
 
 def quality_settings(a) -> dict:

@@ -276,3 +276,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     t = targets.reshape(-1)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.masked_fill(t < 0, -1), ignore_index=-1)
 
+
+@torch.no_grad()
+def mean_loss(logits_fn, tokens: torch.Tensor, targets: torch.Tensor, batch: int) -> float:
+    """The mean cross-entropy over the targets >= 0 of many rows, ``batch`` rows at a time
+    (``logits_fn(tokens)`` -> [B, T, V]): a held-out loss, whatever holds the model."""
+    total = 0.0
+    for i in range(0, tokens.shape[0], batch):
+        logits, t = logits_fn(tokens[i : i + batch]), targets[i : i + batch].reshape(-1)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.masked_fill(t < 0, -1).to(logits.device),
+                                 ignore_index=-1, reduction="sum").item()
+    return total / max(1, int((targets >= 0).sum()))

@@ -72,3 +72,20 @@ def test_swiglu_grads_are_autograds_bit_for_bit():
             assert torch.equal(swiglu(x1, x3), a), dtype
         g1, g3 = swiglu_grads(grad.clone(), x1.detach(), x3.detach())
         assert torch.equal(g1, x1.grad) and torch.equal(g3, x3.grad), dtype
+
+
+def test_mean_loss_a_few_rows_at_a_time_is_the_whole_batchs_cross_entropy():
+    import pytest
+
+    from slowft.model import cross_entropy, mean_loss
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(11, 7, generator=g)
+    tokens = torch.randint(0, 11, (5, 6), generator=g)
+    targets = torch.randint(0, 7, (5, 6), generator=g)
+    targets[0, :2], targets[3, 4] = -1, -100  # not counted
+
+    def logits(x):
+        return weights[x]
+
+    assert mean_loss(logits, tokens, targets, batch=2) == pytest.approx(cross_entropy(logits(tokens), targets).item(), rel=1e-6)
