@@ -31,9 +31,9 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
-from slowft.model import mean_loss
 from slowft.loader import (DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params,
                            unit_shapes)
+from slowft.model import mean_loss
 from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
                               pick_device, workdir_path)
 from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes

@@ -236,6 +236,7 @@ def test_tiny_models_only_in_shapes_the_loader_takes(tmp_path, kw, message):
 def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails, monkeypatch):
     """Each one line, exit 2, and nothing written: no work dir, no --out folder."""
     (tmp_path / "tiny.txt").write_text("Too short to hold one window.")  # a val set no window fits
+    (tmp_path / "chat.jsonl").write_text('{"text": "fine"}\n{"messages": [}\n')
     monkeypatch.chdir(tmp_path)
     for flags, message in [(["--grad-accum", 0], "--grad-accum 0: expected a positive integer"),
                            (["--train-layers", "5-2"], "--train-layers 5-2: expected A-B with 0 <= A <= B"),
@@ -245,6 +246,8 @@ def test_bad_accumulation_subset_and_write_budget_flags(good, tmp_path, fails, m
                            (["--lisa", 1, "--train-layers", "0-1"], "LISA samples the blocks itself"),
                            (["--max-ssd-writes", "banana"], "--max-ssd-writes banana: expected a size"),
                            (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+                           (["--data", "chat.jsonl"], "chat.jsonl:2: malformed JSON"),
+                           (["--data", "chat.jsonl", "--train-on-prompt", "--val-fraction", 0.5], "chat.jsonl:2: malformed JSON"),
                            (["--val-fraction", 0.7], "--val-fraction 0.7: expected a number in (0, 0.5]"),
                            (["--val-fraction", 0.2, "--val-data", "x.txt"], "one holds out other files"),
                            (["--val-data", "tiny.txt", "--seq-len", 64], "--val-data"),
