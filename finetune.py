@@ -31,8 +31,10 @@ from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
-from slowft.loader import (DTYPE_NAMES, MetaSource, check_split, expected_shapes, foreign_file, import_model, n_params,
-                           unit_shapes)
+from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
+from slowft.formats import FORMATS, open_source
+from slowft.formats import meta as meta_format
+from slowft.formats.meta import check_split
 from slowft.model import mean_loss
 from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
                               pick_device, workdir_path)
@@ -42,7 +44,7 @@ from slowft.plot import write_loss_plot
 from slowft.progress import RunBar, StepProgress
 from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
-from slowft.tokenizer import Tokenizer
+from slowft.tokenizer import Tokenizer, load_tokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
@@ -58,14 +60,15 @@ DEMO_PROMPT = "The keeper of the north light"
 
 
 def build_parser() -> ArgumentParser:
-    ap = ArgumentParser(description="Full-parameter fine-tuning of llama2 with the weights on SSD.",
+    ap = ArgumentParser(description="Full-parameter fine-tuning of llama models with the weights on SSD.",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="optimizers (--optimizer), their memory and SSD cost:\n"
                                + "\n".join(f"  {k:<8} {v}" for k, v in OPTIMIZER_COSTS.items()))
-    ap.add_argument("model", nargs="?", type=Path, help="Meta llama2 folder (params.json, consolidated.NN.pth, tokenizer.model)")
+    ap.add_argument("model", nargs="?", type=Path, help="a llama2 / Llama 3 folder: Meta's (params.json, consolidated.NN.pth) "
+                                                        "or Hugging Face's (config.json, *.safetensors)")
     ap.add_argument("--demo", action="store_true", help="train a tiny model made on the fly (the default without a model)")
-    ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text file(s) or folders of .txt (default: test_data/)")
-    ap.add_argument("--val-data", type=Path, nargs="+", default=None, help="held-out text: its loss is evaluated, never trained on")
+    ap.add_argument("--data", type=Path, nargs="+", default=[TEST_DATA], help="plain-text and JSONL file(s), or folders of them (default: test_data/)")
+    ap.add_argument("--val-data", type=Path, nargs="+", default=None, help="held-out text or JSONL: its loss is evaluated, never trained on")
     ap.add_argument("--train-on-prompt", action="store_true",
                     help="JSONL prompts and user turns count towards the loss too (default: only completions and answers)")
     ap.add_argument("--val-fraction", type=float, default=None,
@@ -116,7 +119,10 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=0, help="export a checkpoint to <out>/checkpoints every N steps")
     ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
-    ap.add_argument("--export-shards", type=int, default=None, help="default: the source's shard count")
+    ap.add_argument("--export-format", default=None, help=f"{' or '.join(FORMATS)} (default: the source's)")
+    ap.add_argument("--export-shards", type=int, default=None, help="Meta's format: files (default: the source's count)")
+    ap.add_argument("--max-shard-size", type=lambda t: parse_size(t, "--max-shard-size"), default=None,
+                    help="Hugging Face's format: bytes per safetensors file (default 5GB)")
     return ap
 
 
@@ -216,8 +222,10 @@ def step_subset(a, n_layers: int, step: int) -> dict:
 
 
 def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
-    """The embedded default: a tiny model (built once) and settings that visibly learn in well under a
-    minute; --ram-budget 0 sends every block through the work dir each step, as for a big model."""
+    """The embedded default: a tiny model (built once) and settings that learn test_data/ in under a
+    minute, the prose's continuation and chat.jsonl's answers word for word (a question's answer
+    comes late: 100 steps of 8 rows miss them all, 120 steps of 16 got them for each of 6 seeds);
+    --ram-budget 0 sends every block through the work dir each step, as for a big model."""
     given = {x.split("=")[0] for x in argv if x.startswith("--")}
     a.model = a.model or cache_root() / "demo" / "tiny-llama2"
     if not (a.model / "params.json").exists():
@@ -228,8 +236,8 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
             raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
                               "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
     lr = DEMO_LR[a.optimizer]
-    for flag, value in [("--steps", 60), ("--batch-size", 8), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", lr), ("--min-lr", lr / 5),
-                        ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 20), ("--max-new-tokens", 24),
+    for flag, value in [("--steps", 120), ("--batch-size", 16), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", lr), ("--min-lr", lr / 5),
+                        ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 40), ("--max-new-tokens", 24),
                         ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
         if flag not in given:
             setattr(a, flag[2:].replace("-", "_"), value)
@@ -280,7 +288,7 @@ class Inputs:
     """What the cheap checks found: the device, the model folder, its tokenizer, the data, --out."""
 
     device: torch.device
-    src: MetaSource
+    src: object  # a source of slowft.formats
     tok: Tokenizer
     data: TokenData
     val: TokenData | None
@@ -319,7 +327,10 @@ def check_inputs(a) -> Inputs:
     """Everything that can be checked before anything is written: a mistake fails in the first
     second, not after an hour of importing. Only --out is created (and probed)."""
     device = pick_device(a.device)
-    src = MetaSource.open(a.model)
+    src = open_source(a.model)
+    export_format = a.export_format or src.format
+    if export_format not in FORMATS:
+        raise SlowftError(f"--export-format {export_format}: expected one of {', '.join(FORMATS)}")
     if a.seq_len > src.args.max_seq_len:
         raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
     check_layers(a, src.args.n_layers)
@@ -327,9 +338,14 @@ def check_inputs(a) -> Inputs:
     budget = default_ram_budget(device) if a.ram_budget is None else a.ram_budget
     WritePlan(Layout.estimate(src.args, DTYPE_NAMES[a.storage_dtype], DTYPE_NAMES[a.compute_dtype], budget), a,
               export_bytes).check_budget(a.max_ssd_writes)
+    if a.export_shards and export_format != "meta":
+        raise SlowftError(f"--export-shards {a.export_shards}: Meta's format's; expected --max-shard-size for {export_format}")
+    if a.max_shard_size is not None and export_format != "hf":
+        raise SlowftError(f"--max-shard-size: Hugging Face's format's; expected --export-shards for {export_format}")
     if a.export_shards:  # here, not after a night of training
-        check_split(expected_shapes(src.args), src.key_order, a.export_shards, "--export-shards")
-    tok = Tokenizer(src.tokenizer)
+        keys = src.key_order if src.format == "meta" else meta_format.key_order(src.args)
+        check_split(expected_shapes(src.args), keys, a.export_shards, "--export-shards")
+    tok = load_tokenizer(src.tokenizer_dir)
     data, val = held_out(a, tok)
     out = (a.out or Path("out") / src.path.name).expanduser().resolve()
     if out == src.path or src.path in out.parents:
@@ -528,17 +544,19 @@ class RunMeter:
 
 
 class HeldOut:
-    """The held-out loss: a forward only over the held-out text's windows (units are read, none
-    written), logged to the console and metrics.jsonl; the loss plot redrawn after each."""
+    """The held-out loss: a forward only (units are read, none written) over the held-out text's
+    windows, or, where it holds JSONL examples, its spans packed into rows, each example whole and
+    scored as if alone, as training packs them; logged to the console and metrics.jsonl, the loss
+    plot redrawn after each."""
 
     def __init__(self, model: OffloadedModel, val: TokenData, a, log: StepLog, out: Path):
         self.model, self.log, self.out, self.batch = model, log, out, a.batch_size
-        self.x, self.y = val.windows(a.seq_len)
+        self.x, self.y, self.segments = val.packed_rows(a.seq_len) if val.examples else (*val.windows(a.seq_len), None)
         self.last = None
 
     def evaluate(self, step: int) -> float:
         counted = int((self.y >= 0).sum())
-        loss = mean_loss(self.model.logits, self.x, self.y, self.batch)
+        loss = mean_loss(self.model.logits, self.x, self.y, self.batch, self.segments)
         ppl = math.exp(min(loss, 50))
         print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {ppl:,.2f}  ({counted:,} tokens)", flush=True)
         self.log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": counted})
@@ -625,7 +643,8 @@ def run_steps(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Pa
 
 
 def batch_of(data: TokenData, a, step: int):
-    """The step's rows: whole examples packed (JSONL), or windows of the text's stream."""
+    """The step's rows: packed spans where the data holds JSONL examples (whole examples, and
+    the text documents' pieces: TokenData.spans), else windows of the text's stream."""
     rows = a.batch_size * a.grad_accum
     if data.examples:
         return data.packed_batch(step, rows, a.seq_len, a.seed)
@@ -665,9 +684,9 @@ def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path, heldout: "HeldOu
 
 
 def export(model: OffloadedModel, a, path: Path) -> Path:
-    """save_llama2, where a full disk is named as the export's: the work dir is intact and the run resumes."""
+    """model.save, where a full disk is named as the export's: the work dir is intact and the run resumes."""
     try:
-        return model.save_llama2(path, a.export_shards, a.export_dtype)
+        return model.save(path, a.export_format, a.export_dtype, a.export_shards, a.max_shard_size)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

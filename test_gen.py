@@ -17,6 +17,7 @@ from pathlib import Path
 import slowft
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.errors import SlowftError
+from slowft.tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "The keeper of the north light"
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
 
     with slowft.load(a.model, workdir=a.workdir, device=a.device, storage_dtype="auto", compute_dtype=a.compute_dtype,
                      ram_budget=a.ram_budget) as model:
-        tokenizer = slowft.Tokenizer(model.store.path("tokenizer.model"))
+        tokenizer = load_tokenizer(model.store.root)
         if a.chat:
             talk(model, tokenizer, a)
             return 0

@@ -84,7 +84,8 @@ def serve(ready: dict, step, finish) -> None:
 # ----------------------------------------------------------------------------- workers (own process each)
 
 def worker_import(a) -> None:
-    from slowft.loader import MetaSource, import_model
+    from slowft.checkpoint import import_model
+    from slowft.formats.meta import MetaSource
     from slowft.store import Store
 
     src = MetaSource.open(a.model)
@@ -149,7 +150,7 @@ def worker_slowft(a) -> None:
 def worker_ram(a) -> None:
     from torch.utils.checkpoint import checkpoint
 
-    from slowft.loader import MetaSource, split_dim
+    from slowft.formats.meta import MetaSource, split_dim
     from slowft.model import Transformer, cross_entropy
 
     src = MetaSource.open(a.model)

@@ -1,10 +1,10 @@
-"""slowft: full-parameter fine-tuning of llama2 models larger than memory, one block at a time from SSD."""
+"""slowft: full-parameter fine-tuning of llama models larger than memory, one block at a time from SSD."""
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .generate import chat, generate
 from .model import ModelArgs
 from .offloaded import OffloadedModel, load
 from .optim import SGD, Adalite, AdaLomo, AdamW
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["load", "generate", "chat", "SGD", "Adalite", "AdaLomo", "AdamW", "Tokenizer", "ModelArgs", "OffloadedModel",
+__all__ = ["load", "generate", "chat", "SGD", "Adalite", "AdaLomo", "AdamW", "Tokenizer", "load_tokenizer", "ModelArgs", "OffloadedModel",
            "SlowftError", "NonFiniteError", "Interrupted"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .chat import common_prefix, llama2_dialog
+from .chat import common_prefix, dialog
 from .errors import SlowftError
 from .progress import progress
 from .tokenizer import Tokenizer
@@ -85,7 +85,7 @@ def _example(ex, tok: Tokenizer) -> tuple[list[int], list[bool]]:
         n = common_prefix(tok.encode(ex["prompt"], bos=True), tokens)
         return tokens, [False] * n + [True] * (len(tokens) - n)
     if keys == {"messages"}:
-        return llama2_dialog(tok, ex["messages"])
+        return dialog(tok, ex["messages"])
     raise ValueError(f"unknown example with keys {sorted(keys) if keys else type(ex).__name__}; expected "
                      '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}')
 
@@ -122,42 +122,63 @@ class TokenData:
 
     @property
     def examples(self) -> bool:
-        """Whether this is JSONL examples only: then a batch packs whole examples into rows
-        (``packed_batch``) rather than cutting windows from the stream."""
-        return all(Path(f).suffix == ".jsonl" for f in self.sources)
+        """Whether the data holds JSONL examples: then its rows are packed (``packed_batch``),
+        rather than cut as windows from the stream, which is kept for text alone."""
+        return any(Path(f).suffix == ".jsonl" for f in self.sources)
 
     def truncated(self, seq_len: int) -> int:
-        """How many examples are longer than a row (their ends are cut off when packed)."""
-        return sum(n - 1 > seq_len for n in self.lengths)
+        """How many JSONL examples are longer than a row (their ends are cut off when packed)."""
+        return sum(n - 1 > seq_len for n, f in zip(self.lengths, self.sources) if Path(f).suffix == ".jsonl")
+
+    def spans(self, seq_len: int) -> list[tuple[int, int]]:
+        """(offset, length) in the stream of what packs into rows. A JSONL example is one span, so
+        it is learned whole, its positions starting at 0 as when it is asked at generation. A text
+        document is cut into pieces of at most seq_len + 1 tokens (each piece's last token only a
+        target, and the next piece's first), so that mixed data packs as one pool, each token
+        drawn as often as any other: prose is neither cut off nor crowded out by the examples, and
+        no example is split across windows of one stream. (Text alone keeps its random windows.)"""
+        spans, at = [], 0
+        for n, f in zip(self.lengths, self.sources):
+            if Path(f).suffix == ".jsonl":
+                spans.append((at, n))
+            else:
+                spans += [(at + s, min(seq_len + 1, n - s)) for s in range(0, n - 1, seq_len)]
+            at += n
+        return spans
 
     def packed_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0):
-        """(tokens, targets, segments), each [batch_size, seq_len]: whole examples, in an order
-        drawn by (seed, step), packed one after another into rows (one too long for a row is cut
-        to fit it); an example's id in ``segments`` (0 where a row is padded), so attention stays
-        within it. Targets are the next token within the example, -1 where it does not count."""
+        """(tokens, targets, segments), each [batch_size, seq_len]: the spans, in an order drawn by
+        (seed, step), packed one after another into rows (see ``_pack``)."""
         gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-        order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        offsets = [0] + np.cumsum(self.lengths).tolist()
-        stream = self.tokens.long()
-        tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        targets = torch.full((batch_size, seq_len), -1, dtype=torch.long)
-        segments = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        k = 0
-        for row in range(batch_size):
+        spans = self.spans(seq_len)
+        order = torch.randperm(len(spans), generator=gen).tolist()
+        return self._pack([spans[i] for i in order], seq_len, batch_size)
+
+    def packed_rows(self, seq_len: int):
+        """(tokens, targets, segments) [n, seq_len]: every span once, in order (held-out
+        evaluation of examples: each scored whole, on its own)."""
+        return self._pack(self.spans(seq_len), seq_len)
+
+    def _pack(self, spans: list[tuple[int, int]], seq_len: int, rows: int | None = None):
+        """Spans packed one after another into rows, ``rows`` of them (going round the spans
+        again if need be), or as many as hold each span once (``rows`` None). One too long for a
+        row is cut to fit it. Each span's id in its row is in ``segments`` (0 where a row is
+        padded), so attention stays within it; targets are the next token within the span, -1
+        where it does not count."""
+        stream, k, out = self.tokens.long(), 0, []
+        while (len(out) < rows) if rows is not None else (k < len(spans)):
+            row = torch.zeros(seq_len, dtype=torch.long), torch.full((seq_len,), -1), torch.zeros(seq_len, dtype=torch.long)
             at, seg = 0, 1
-            while True:
-                e = order[k % len(order)]
-                n = min(self.lengths[e] - 1, seq_len)  # inputs: all but the last token
+            while at < seq_len and (rows is not None or k < len(spans)):
+                a, n = spans[k % len(spans)]
+                n = min(n - 1, seq_len)  # inputs: all but the last token
                 if at and at + n > seq_len:
                     break  # the next row starts with it
-                a = offsets[e]
-                tokens[row, at : at + n] = stream[a : a + n]
-                targets[row, at : at + n] = self._targets(stream, a + 1, a + n + 1)
-                segments[row, at : at + n] = seg
+                row[0][at : at + n], row[1][at : at + n] = stream[a : a + n], self._targets(stream, a + 1, a + n + 1)
+                row[2][at : at + n] = seg
                 at, seg, k = at + n, seg + 1, k + 1
-                if at == seq_len:
-                    break
-        return tokens, targets, segments
+            out.append(row)
+        return tuple(torch.stack(parts) for parts in zip(*out))
 
     def split(self, fraction: float, seed: int) -> tuple["TokenData", "TokenData"]:
         """(training documents, held-out documents): ``fraction`` of the documents, at least one,
@@ -204,8 +225,13 @@ class TokenData:
         return f"{len(self)} tokens, {digest}"
 
     def check(self, seq_len: int) -> None:
-        if len(self) < seq_len + 1:
-            names = ", ".join(dict.fromkeys(str(f) for f in self.sources))
+        """Windows need a stream of a row and its last target; packed rows need an example that
+        fits whole (one cut to fit may lose every counted token)."""
+        names = ", ".join(dict.fromkeys(str(f) for f in self.sources))
+        if self.examples and self.truncated(seq_len) == len(self.lengths):
+            raise SlowftError(f"{self.flag} {names}: no example fits in --seq-len {seq_len} (the shortest needs "
+                              f"--seq-len {min(self.lengths) - 1}); expected at least one that fits")
+        if not self.examples and len(self) < seq_len + 1:
             raise SlowftError(
                 f"{self.flag} {names}: {len(self)} tokens, shorter than one sequence; expected at least --seq-len + 1 = {seq_len + 1}"
             )

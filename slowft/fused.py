@@ -234,17 +234,22 @@ class HeadUpdate(UnitUpdate):
     summed in place. ``apply`` updates the head once every micro-batch is in."""
 
     def __init__(self, master: dict, compute_dtype: torch.dtype, norm_fn, optimizer, t: int, n_counted: int,
-                 n_tokens: int, write_for=None, train: bool = True):
+                 n_tokens: int, write_for=None, train: bool = True, tied: torch.Tensor | None = None,
+                 train_output: bool | None = None):
+        """``tied``: the embedding matrix, which is the output projection too (its gradient is then
+        handed on by ``output_grad``, not applied here); ``train_output``: whether the output
+        projection's gradient is wanted (by default as ``train``, the final norm's)."""
         super().__init__(master, optimizer, t, write_for)
-        self.norm_fn, self.train = norm_fn, train
+        self.norm_fn, self.train, self.tied = norm_fn, train, tied is not None
+        self.train_output = train if train_output is None else train_output
         cd = compute_dtype
-        self.W = master["output.weight"].detach().to(cd)
+        self.W = (tied if self.tied else master["output.weight"]).detach().to(cd)
         self.nw = master["norm.weight"].detach().to(cd).requires_grad_(train)
         self.n = max(1, n_counted)  # the loss is the mean over the whole step's counted targets
         self.keep = n_tokens <= self.W.shape[1]  # tokens <= dim: [tokens, vocab] < [vocab, dim]
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # with keep: (logit gradients, normed input)
         dev = self.W.device
-        self.dW = torch.zeros(self.W.shape, device=dev, dtype=torch.float32) if train and not self.keep else None
+        self.dW = torch.zeros(self.W.shape, device=dev, dtype=torch.float32) if self.train_output and not self.keep else None
         self.dnw = torch.zeros(self.nw.shape, device=dev, dtype=torch.float32)
         self.loss = torch.zeros((), device=dev)
 
@@ -270,9 +275,9 @@ class HeadUpdate(UnitUpdate):
             self.loss += ((top + total.log()).squeeze(1)[rows] - picked).sum() / n
             grad *= valid[:, None] / (total * n)  # d(sum of losses / n) / d logits = (softmax - one-hot) / n
             grad[rows, cols] -= 1.0 / n
-            if self.train and self.keep:
+            if self.train_output and self.keep:
                 self.kept.append((grad, normed.detach().float()))
-            elif self.train:
+            elif self.train_output:
                 self.dW.addmm_(grad.T, normed.detach().float())
             wrt = [x, nw] if self.train else [x]
             grads = torch.autograd.grad(normed, wrt, (grad.to(W.dtype) @ W).to(normed.dtype))
@@ -282,12 +287,23 @@ class HeadUpdate(UnitUpdate):
             del logits, grad
         return g.view_as(h)
 
+    def output_grad(self) -> Rows | None:
+        """The output projection's gradient, a slice of rows at a time (None: not trained)."""
+        if not self.train_output:
+            return None
+        if self.keep:
+            return weight_rows(self.kept)
+        dW = self.dW
+        return lambda a, b: dW[a:b]
+
     def apply(self) -> None:
-        """The head's update, from every micro-batch's gradients."""
+        """The head's update, from every micro-batch's gradients (a tied output's is handed on)."""
+        if self.train_output and not self.tied:
+            self.take("output.weight", self.output_grad())
         if self.train:
-            self.take("output.weight", weight_rows(self.kept) if self.keep else self.dW)
             self.take("norm.weight", self.dnw)
-        self.kept, self.dW = [], None
+        if not self.tied:
+            self.kept, self.dW = [], None
 
 
 class EmbeddingUpdate(UnitUpdate):
@@ -295,8 +311,11 @@ class EmbeddingUpdate(UnitUpdate):
     micro-batches into those rows only, and the optimizer gets it a slice of rows at a time, never
     as a dense [vocab, dim] tensor; no compute-dtype copy of the matrix is made."""
 
-    def __init__(self, master: dict, tokens: torch.Tensor, optimizer, t: int, write_for=None):
+    def __init__(self, master: dict, tokens: torch.Tensor, optimizer, t: int, write_for=None, tied: Rows | None = None):
+        """``tied``: the gradient of the same matrix in its other use, as the output projection
+        (HeadUpdate.output_grad): both are summed for its one update."""
         super().__init__(master, optimizer, t, write_for)
+        self.tied = tied
         self.used = tokens.reshape(-1).unique()  # sorted
         self.sum = torch.zeros(len(self.used), master["weight"].shape[1], device=tokens.device, dtype=torch.float32)
 
@@ -314,8 +333,11 @@ class EmbeddingUpdate(UnitUpdate):
 
         def rows(a: int, b: int) -> torch.Tensor:
             hit = (used >= a) & (used < b)
-            out = torch.zeros(b - a, total.shape[1], device=total.device, dtype=total.dtype)
-            out[used[hit] - a] = total[hit]
+            if self.tied is None:
+                out = torch.zeros(b - a, total.shape[1], device=total.device, dtype=total.dtype)
+            else:  # a copy: an optimizer may ask for the same rows twice (AdaLomo)
+                out = self.tied(a, b).clone()
+            out[used[hit] - a] += total[hit]
             return out
 
         self.take("weight", rows)

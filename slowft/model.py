@@ -15,6 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# Meta's reference code for Llama 3.1+ (use_scaled_rope); a params.json may name another factor
+# (rope_scaling_factor: 32 for Llama 3.2 1B/3B, as their Hugging Face configs say)
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -27,14 +32,20 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # not in params.json: llama2 4096, CodeLlama (rope_theta 1e6) 16384
+    rope_scaling: dict | None = None  # Llama 3.1's: factor, low/high_freq_factor, original_max_position_embeddings
+    ffn_hidden: int | None = None  # the FFN's width where a config gives it (Hugging Face's intermediate_size)
+    tie_embeddings: bool = False  # the output projection is the token embedding (Llama 3.2 1B/3B)
 
     @classmethod
     def from_params(cls, params: dict, vocab_size: int | None = None) -> "ModelArgs":
         """Builds args from a params.json dict; unknown keys (e.g. ``max_batch_size``) are ignored."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"rope_scaling", "ffn_hidden", "tie_embeddings"}
         args = cls(**{k: v for k, v in params.items() if k in known})
-        if "max_seq_len" not in params and args.rope_theta >= 1e6:
-            args.max_seq_len = 16384
+        if "max_seq_len" not in params and args.rope_theta >= 5e5:  # CodeLlama's 1e6, Llama 3's 5e5
+            args.max_seq_len = 16384 if args.rope_theta >= 1e6 else 8192
+        if params.get("use_scaled_rope"):  # Meta's Llama 3.1+: the scaling its reference code applies
+            args.rope_scaling = {k: float(params.get(f"rope_scaling_{k}", v)) for k, v in LLAMA3_ROPE_SCALING.items()}
+            args.max_seq_len = int(params.get("max_seq_len", 131072))
         if args.vocab_size <= 0 and vocab_size is not None:
             args.vocab_size = vocab_size
         return args
@@ -49,7 +60,9 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU width, computed exactly as Meta's FeedForward does."""
+        """SwiGLU width, computed exactly as Meta's FeedForward does (or as a config gives it)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -58,14 +71,24 @@ class ModelArgs:
 
 # ----------------------------------------------------------------------------- rotary embeddings
 
-def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    """The per-pair rotation speeds; Meta stores this vector as ``rope.freqs``."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The per-pair rotation speeds; Meta stores this vector as ``rope.freqs``. Llama 3.1's
+    ``scaling`` slows the low frequencies by ``factor`` and blends the middle band, so the model
+    reaches past the context it was pretrained on."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if not scaling:
+        return freqs
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return torch.where(wavelen < old / high, freqs, torch.where(wavelen > old / low, freqs / factor, blended))
 
 
-def precompute_rope(head_dim: int, end: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def precompute_rope(head_dim: int, end: int, theta: float, device=None, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's angles, [end, head_dim/2], float32 (real-valued: mps has no complex)."""
-    angles = torch.outer(torch.arange(end).float(), rope_frequencies(head_dim, theta))
+    angles = torch.outer(torch.arange(end).float(), rope_frequencies(head_dim, theta, scaling))
     return angles.cos().to(device), angles.sin().to(device)
 
 
@@ -253,11 +276,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # one tensor in both roles (its state_dict lists it once, as the embedding)
+            del self.output.weight
+            self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, block_fn=None) -> torch.Tensor:
         """Logits [B, T, V]; ``block_fn(block, h, rope)`` lets a caller wrap each block (checkpointing)."""
         h = self.tok_embeddings(tokens)
-        rope = precompute_rope(self.args.head_dim, tokens.shape[1], self.args.rope_theta, tokens.device)
+        a = self.args
+        rope = precompute_rope(a.head_dim, tokens.shape[1], a.rope_theta, tokens.device, a.rope_scaling)
         for block in self.layers:
             h = block_fn(block, h, rope) if block_fn else block(h, rope)
         return self.output(self.norm(h)).float()
@@ -270,6 +297,15 @@ def packed_mask(segments: torch.Tensor) -> torch.Tensor:
     return (segments[:, :, None] == segments[:, None, :]).logical_and_(causal)[:, None]
 
 
+def packed_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] each token's position within its example, restarting at 0 where a segment begins
+    (rows packed with several examples: each is placed as if it were alone)."""
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions whose target is >= 0 (-1 here, -100 in torch and
     Hugging Face: both are left out)."""
@@ -278,12 +314,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(logits_fn, tokens: torch.Tensor, targets: torch.Tensor, batch: int) -> float:
+def mean_loss(logits_fn, tokens: torch.Tensor, targets: torch.Tensor, batch: int,
+              segments: torch.Tensor | None = None) -> float:
     """The mean cross-entropy over the targets >= 0 of many rows, ``batch`` rows at a time
-    (``logits_fn(tokens)`` -> [B, T, V]): a held-out loss, whatever holds the model."""
+    (``logits_fn(tokens)`` -> [B, T, V]): a held-out loss, whatever holds the model. Rows packed
+    with examples pass their ``segments`` on (``logits_fn(tokens, segments)``), so that each
+    example is scored as if alone."""
     total = 0.0
     for i in range(0, tokens.shape[0], batch):
-        logits, t = logits_fn(tokens[i : i + batch]), targets[i : i + batch].reshape(-1)
+        rows = (tokens[i : i + batch],) if segments is None else (tokens[i : i + batch], segments[i : i + batch])
+        logits, t = logits_fn(*rows), targets[i : i + batch].reshape(-1)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.masked_fill(t < 0, -1).to(logits.device),
                                  ignore_index=-1, reduction="sum").item()
     return total / max(1, int((targets >= 0).sum()))

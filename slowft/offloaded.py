@@ -17,10 +17,10 @@ from torch.func import functional_call
 
 from . import train, units
 from .errors import SlowftError
-from .loader import (DTYPE_NAMES, MetaSource, check_export_dir, expected_shapes, import_model, meta_key, n_params,
-                     write_meta_checkpoint)
+from .checkpoint import DTYPE_NAMES, check_export_dir, dtype_of, import_model, meta_key, n_params
+from .formats import open_source, writer
 from .activations import Activations
-from .model import Head, KVCache, ModelArgs, TransformerBlock, precompute_rope
+from .model import Head, KVCache, ModelArgs, TransformerBlock, packed_mask, packed_positions, precompute_rope
 from .plan import Layout, split_budget
 from .progress import progress as progress_of
 from .rounding import generator_for, stochastic
@@ -65,7 +65,7 @@ def default_ram_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
-def workdir_path(src: MetaSource, workdir, storage_dtype: str) -> Path:
+def workdir_path(src, workdir, storage_dtype: str) -> Path:
     """``--workdir`` as given, else the cache's folder for this source and storage dtype."""
     return Path(workdir).expanduser() if workdir else cache_root() / f"{src.path.name}-{src.fingerprint()}-{storage_dtype}"
 
@@ -86,7 +86,7 @@ def check_export_path(out_dir: Path, source: Path, workdir: Path) -> None:
     check_export_dir(out_dir)
 
 
-def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = False) -> Store:
+def open_workdir(src, workdir, storage_dtype: str, reset: bool = False) -> Store:
     """Opens (creating) the work dir for ``src``; refuses one that belongs to another model or dtype."""
     if storage_dtype not in ("float32", "bfloat16"):
         raise SlowftError(f"--storage-dtype {storage_dtype}: expected float32 or bfloat16")
@@ -114,11 +114,12 @@ def open_workdir(src: MetaSource, workdir, storage_dtype: str, reset: bool = Fal
 def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
          ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True,
          rounding: str = "stochastic") -> "OffloadedModel":
-    """Opens a Meta llama2 folder; imports it into the work dir on first use, reuses it after.
+    """Opens a model folder (Meta's format or Hugging Face's, slowft.formats); imports it into the
+    work dir on first use, reuses it after.
     ``storage_dtype`` "auto": that of an import of this source already there (``workdir``, or
     the cache's), else the source's own where the store keeps it (bf16 for Meta's: exact, and
     half the disk of float32, e.g. to only generate text)."""
-    src = MetaSource.open(path)
+    src = open_source(path)
     dev = pick_device(device)
     if storage_dtype == "auto":
         native = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
@@ -237,7 +238,7 @@ class OffloadedModel:
     def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < start + T:
             n = max(start + T, 256)
-            self._rope = precompute_rope(self.args.head_dim, n, self.args.rope_theta, self.device)
+            self._rope = precompute_rope(self.args.head_dim, n, self.args.rope_theta, self.device, self.args.rope_scaling)
         cos, sin = self._rope
         return cos[start:start + T], sin[start:start + T]
 
@@ -277,20 +278,37 @@ class OffloadedModel:
     # -- inference
 
     @torch.no_grad()
-    def forward_cached(self, tokens: torch.Tensor, start_pos: int = 0, kv: list[KVCache] | None = None) -> torch.Tensor:
-        """Logits [B, T, V] (float32, on the device); with ``kv`` it extends those caches."""
+    def forward_cached(self, tokens: torch.Tensor, start_pos: int = 0, kv: list[KVCache] | None = None,
+                       segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (float32, on the device); with ``kv`` it extends those caches. Rows
+        packed with examples (``segments`` [B, T], as training takes them) attend within each
+        example, its positions restarting with it."""
         self.usable()
         tokens = tokens.to(self.device)
-        self.cache.plan(self.forward_order())
-        rope = self.rope(tokens.shape[1], start_pos)
+        self.cache.plan(self.forward_order() + ([units.EMBEDDING, units.HEAD] if self.args.tie_embeddings else []))
+        rope, mask = self.rope(tokens.shape[1], start_pos), None
+        if segments is not None:
+            segments = segments.to(self.device)
+            pos, mask = packed_positions(segments), packed_mask(segments)
+            rope = rope[0][pos], rope[1][pos]
         h = self.embed(tokens)
         for i in range(self.args.n_layers):
-            h = self.run_unit(units.layer(i), self.block_fn, h, rope, start_pos, kv[i] if kv else None)
-        return self.run_unit(units.HEAD, self.head_fn, h)
+            h = self.run_unit(units.layer(i), self.block_fn, h, rope, start_pos, kv[i] if kv else None, mask=mask)
+        return self.head_logits(h)
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.args.tie_embeddings:
+            return self.run_unit(units.HEAD, self.head_fn, h)
+        tied = self.cache.get(units.EMBEDDING)  # the output projection is the embedding
+        try:
+            out = {"output.weight": tied["weight"].to(self.compute_dtype)}
+            return self.run_unit(units.HEAD, lambda w, x: self.head_fn({**w, **out}, x), h)
+        finally:
+            self.cache.release(units.EMBEDDING)
+
+    def logits(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V], float32 on the cpu; one unit on the device at a time."""
-        return self.forward_cached(tokens).cpu()
+        return self.forward_cached(tokens, segments=segments).cpu()
 
     def new_kv_cache(self, batch: int, max_len: int) -> list[KVCache]:
         a = self.args
@@ -370,31 +388,30 @@ class OffloadedModel:
                 if not units.is_state(name):
                     yield meta_key(unit, name), t
 
-    def save_llama2(self, out_dir, shards: int | None = None, dtype: str | None = None, progress: bool = True) -> Path:
-        """Writes the current weights in Meta's format (by default the source's shard count and dtype)."""
+    def save(self, out_dir, format: str | None = None, dtype=None, shards: int | None = None,
+             max_shard_size: int | None = None, progress: bool = True) -> Path:
+        """Writes the current weights as a checkpoint in ``format`` ("meta" or "hf"; by default the
+        source's), in ``dtype`` (a torch.dtype or its name; by default the source's). ``shards``:
+        Meta's file count (by default the source's); ``max_shard_size``: bytes per Hugging Face file."""
         self.usable()
         src = self.meta["source"]
+        write = writer(format or src.get("format", "meta"), "format")
+        out_dtype = dtype_of(dtype or src["dtype"])
         out_dir = Path(out_dir).expanduser().resolve()
         check_export_path(out_dir, Path(src["path"]), self.store.root)
-        shards = shards or src["shards"]
-        dtype_name = dtype or src["dtype"]
-        if dtype_name not in DTYPE_NAMES:
-            raise SlowftError(f"--export-dtype {dtype_name}: expected one of {', '.join(DTYPE_NAMES)}")
-        out_dtype = DTYPE_NAMES[dtype_name]
-        extras = self.store.read_extras()
-        shapes = expected_shapes(self.args, with_extras=False)
-        shapes.update({k: tuple(v.shape) for k, v in extras.items()})
-        need = sum(torch.Size(s).numel() for s in shapes.values()) * out_dtype.itemsize
+        need = self.n_params() * out_dtype.itemsize
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         free = psutil.disk_usage(str(out_dir.parent)).free
         if need > free:
-            raise SlowftError(f"--out {out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
+            raise SlowftError(f"{out_dir}: export needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there")
         with progress_of(sum(self.unit_bytes.values()), "export", enabled=progress, leave=False) as bar:
-            write_meta_checkpoint(
-                out_dir, self.units(), shapes, src["key_order"], extras, self.store.path("params.json").read_bytes(),
-                self.store.path("tokenizer.model"), shards, out_dtype, progress=lambda unit, n: bar.update(n),
-            )
+            write(out_dir, self.units(), self.args, self.store.read_extras(), self.store.root, src, out_dtype,
+                  shards=shards, max_shard_size=max_shard_size, progress=lambda unit, n: bar.update(n))
         return out_dir
+
+    def save_llama2(self, out_dir, shards: int | None = None, dtype=None, progress: bool = True) -> Path:
+        """Writes the current weights in Meta's format (by default the source's shard count and dtype)."""
+        return self.save(out_dir, "meta", dtype, shards, progress=progress)
 
     def close(self) -> None:
         try:

@@ -17,7 +17,7 @@ import torch
 
 from .activations import Activations
 from .errors import SlowftError
-from .loader import unit_shapes
+from .checkpoint import unit_shapes
 from .model import ModelArgs
 from .optim import state_bytes
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index, layers

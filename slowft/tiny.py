@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
@@ -18,8 +19,12 @@ from .atomic import temp_name
 from .cli import ArgumentParser, run
 from .data import read_text, text_files
 from .errors import SlowftError
-from .loader import BLOCK_PARAMS, DTYPE_NAMES, check_params, expected_shapes, unit_of, write_meta_checkpoint
+from .checkpoint import DTYPE_NAMES, expected_shapes, unit_of
+from .formats import hf
+from .formats.meta import check_params, key_order, write_meta_checkpoint
 from .model import ModelArgs, Transformer, rope_frequencies
+from .tokenizer import load_tokenizer
+from .units import forward_order
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
 
@@ -40,13 +45,6 @@ def train_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> int:
     )
     out.write_bytes(buf.getvalue())
     return spm.SentencePieceProcessor(model_file=str(out)).vocab_size()
-
-
-def meta_key_order(n_layers: int) -> list[str]:
-    """The order of keys in Meta's llama2 consolidated.NN.pth files."""
-    keys = ["tok_embeddings.weight", "norm.weight", "output.weight"]
-    keys += [f"layers.{i}.{k}" for i in range(n_layers) for k in BLOCK_PARAMS]
-    return keys + ["rope.freqs"]
 
 
 def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
@@ -88,19 +86,60 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
     return out
 
 
+def units_of(model: Transformer) -> dict[str, dict[str, torch.Tensor]]:
+    """An in-RAM model's tensors by unit (a tied output projection once, as the embedding)."""
+    units: dict[str, dict[str, torch.Tensor]] = {}
+    for key in expected_shapes(model.args, with_extras=False):
+        unit, name = unit_of(key)
+        units.setdefault(unit, {})[name] = model.state_dict()[key]
+    return units
+
+
 def write_model(out: Path, params: dict, model: Transformer, tokenizer: Path, shards: int = 1, dtype: str = "bfloat16") -> Path:
     """An in-RAM model's weights as a Meta llama2 folder: params.json, consolidated.NN.pth (Meta's
     keys, order and sharding) and the tokenizer (e.g. a model pretrained for a benchmark)."""
     args = model.args
-    units: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in model.state_dict().items():
-        unit, name = unit_of(key)
-        units.setdefault(unit, {})[name] = t
-    keys = meta_key_order(args.n_layers)
+    units = units_of(model)
+    keys = key_order(args) + ["rope.freqs"]
     order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
     write_meta_checkpoint(out, ((u, units[u]) for u in order), expected_shapes(args), keys,
                           {"rope.freqs": rope_frequencies(args.head_dim, args.rope_theta).to(DTYPE_NAMES[dtype])},
                           json.dumps(params).encode(), tokenizer, shards, DTYPE_NAMES[dtype])
+    return out
+
+
+def make_tiny_hf(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None, vocab: int = 512,
+                 hidden: int = 160, tied: bool = False, rope_scaling: dict | None = None, rope_theta: float = 10000.0,
+                 seed: int = 0, dtype: str = "bfloat16", max_shard_size: int | None = None,
+                 tokenizer: dict[str, bytes] | None = None) -> Path:
+    """Writes a random model as a Hugging Face folder (config.json, safetensors with q and k
+    permuted as Hugging Face's conversion does, the tokenizer); returns ``out``. ``tokenizer``:
+    its files by name (default: a sentencepiece tokenizer.model trained on test_data/, llama2's)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SlowftError(f"{out}: folder exists and is not empty; expected a new folder for the tiny model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = temp_name(out.with_name(out.name + ".tokenizer"))
+    kept.mkdir()
+    try:
+        if tokenizer is None:
+            train_tokenizer([TEST_DATA], vocab, kept / "tokenizer.model")
+        for name, data in (tokenizer or {}).items():
+            (kept / name).write_bytes(data)
+        args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads or heads, ffn_hidden=hidden,
+                         vocab_size=load_tokenizer(kept).n_words, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                         tie_embeddings=tied, max_seq_len=2048)
+        torch.manual_seed(seed)
+        model = Transformer(args)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+        units = units_of(model)
+        order = forward_order(layers)
+        hf.write(out, ((u, units[u]) for u in order), args, {}, kept, {"format": "hf", "unit_order": order},
+                 DTYPE_NAMES[dtype], max_shard_size=max_shard_size)
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
     return out
 
 

@@ -89,6 +89,12 @@ class _Step:
         self.top: BlockUpdate | None = None  # the top block, its graph kept from the forward
         self.spilled: dict[int, object] = {}  # micro-batch -> the write of its gradient, spilled for a commit
         self.ropes: dict[int, tuple] = {}  # micro-batch -> its packed examples' rotary angles
+        # A tied model's embedding is its output projection too: the head's gradient of it waits
+        # here until the embedding's own is summed in, for one update at the end of the backward.
+        # The step then commits only when it is whole (a crash re-runs it): that gradient is as
+        # large as the matrix, too large to journal every few units.
+        self.tied = model.args.tie_embeddings
+        self.tied_grad = None
 
     def at(self, layer_: int | str, j: int):
         return self.drop.at(layer_, j) if self.drop else None
@@ -126,8 +132,8 @@ class _Step:
         forward = [EMBEDDING, *m.layer_units[:n_run]] if done <= L else []
         trick = _plan_activations(m, self.plan, self.x_bytes, done)
         block = max(m.unit_bytes[u] for u in m.layer_units)
-        self.every = None if m.cache.resident else commit_every(block, self.x_bytes, self.acts.flow)
-        m.cache.plan(forward + ([HEAD] if done == 0 else []) + self.bwd[done:])
+        self.every = None if m.cache.resident or self.tied else commit_every(block, self.x_bytes, self.acts.flow)
+        m.cache.plan(forward + ([EMBEDDING] if self.tied else []) + ([HEAD] if done == 0 else []) + self.bwd[done:])
         try:
             if forward:
                 self.forward(n_run, trick)
@@ -201,7 +207,7 @@ class _Step:
         release_each_block = max(m.unit_bytes[u] for u in m.layer_units) > m.unit_bytes[HEAD]
         for k in range(self.done, len(self.bwd)):
             unit = self.bwd[k]
-            if m.stop_requested:
+            if m.stop_requested and not self.tied:  # (a tied step stops once it is whole)
                 self.stop(k)
             faults.hit("backward_unit")
             if unit == HEAD:
@@ -256,29 +262,35 @@ class _Step:
     def backward_head(self, k: int) -> None:
         m, acts, K, L = self.model, self.acts, self.plan.n_micro, self.model.args.n_layers
         trained = HEAD in self.plan.trained
+        tied = m.cache.get(EMBEDDING)["weight"] if self.tied else None
         master = m.cache.get(HEAD, for_update=trained)
         u = HeadUpdate(master, m.compute_dtype, m.norm_fn, self.optimizer, self.t + 1, int((self.targets >= 0).sum()),
-                       self.targets.numel(), m.writer(self.seed, self.t + 1, HEAD), trained)
+                       self.targets.numel(), m.writer(self.seed, self.t + 1, HEAD), trained, tied,
+                       train_output=EMBEDDING in self.plan.trained if self.tied else trained)
         for j in range(K):
             h = acts.input(L, j)
             g = u.micro(h, self.piece(self.targets, j))
             if k + 1 < len(self.bwd):
                 self.put_grad(k, L - 1, j, g)
+        if self.tied:  # pinned until its last use: in fp32 storage, u.W is the cache's own buffer
+            m.cache.release(EMBEDDING)
         if not torch.isfinite(u.loss):
             m.cache.release(HEAD)
             advice = "The weights are still the source's: check the model (or --compute-dtype)" if self.t == 0 else "Try a lower --lr"
             raise NonFiniteError(f"loss is {u.loss.item()} at step {self.t + 1}; nothing was updated. {advice}")
         self.loss = u.loss.item()
         u.apply()
+        self.tied_grad = u.output_grad() if self.tied else None
         self.finish(HEAD, u)
 
     def backward_embedding(self) -> None:
         m = self.model
         u = EmbeddingUpdate(m.cache.get(EMBEDDING, for_update=True), self.tokens, self.optimizer, self.t + 1,
-                            m.writer(self.seed, self.t + 1, EMBEDDING))
+                            m.writer(self.seed, self.t + 1, EMBEDDING), tied=self.tied_grad)
         for j in range(self.plan.n_micro):
             u.micro(self.piece(self.tokens, j), self.acts.grad(-1, j), self.at("emb", j))
         u.apply()
+        self.tied_grad = None
         self.finish(EMBEDDING, u)
 
     def finish(self, unit: str, u) -> None:

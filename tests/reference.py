@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from slowft.loader import split_dim
+from slowft.formats.meta import split_dim
 
 
 def load_meta(folder, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -135,3 +135,68 @@ def adalite_step(params: dict[str, torch.Tensor], state: dict, t: int, lr: float
             m = m * (pn / gn)
             m = m + Lambda * (p - p / pn)
         p -= lr * m
+
+
+def llama3_scaled(freqs: torch.Tensor, s: dict) -> torch.Tensor:
+    """Meta's apply_scaling, element by element as its reference code loops."""
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            out.append((1 - smooth) * f / s["factor"] + smooth * f)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@torch.no_grad()
+def hf_logits(folder, tokens: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's llama forward, the way transformers' modeling_llama computes it: straight
+    from a folder's config.json and safetensors (q and k as HF stores them, permuted), halves
+    rotated (``rotate_half``), the head tied to the embedding where config.json says so."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    c = json.loads((folder / "config.json").read_text())
+    w = {}
+    for f in folder.glob("*.safetensors"):
+        w.update({k: v.float() for k, v in load_file(f).items()})
+    nh, nkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+    hd, eps = d // nh, c["rms_norm_eps"]
+    B, T = tokens.shape
+    inv = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2).float() / hd))
+    if c.get("rope_scaling"):
+        inv = llama3_scaled(inv, c["rope_scaling"])
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, dim=-1)
+    cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+
+    def rotate_half(x):
+        return torch.cat((-x[..., hd // 2:], x[..., : hd // 2]), dim=-1)
+
+    def norm(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    h = w["model.embed_tokens.weight"][tokens]
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(c["num_hidden_layers"]):
+        p = lambda n: w[f"model.layers.{i}.{n}.weight"]
+        x = norm(h, p("input_layernorm"))
+        q = (x @ p("self_attn.q_proj").T).view(B, T, nh, hd).transpose(1, 2)
+        k = (x @ p("self_attn.k_proj").T).view(B, T, nkv, hd).transpose(1, 2)
+        v = (x @ p("self_attn.v_proj").T).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        probs = F.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, dim=-1)
+        h = h + (probs @ v).transpose(1, 2).reshape(B, T, -1) @ p("self_attn.o_proj").T
+        x = norm(h, p("post_attention_layernorm"))
+        h = h + (F.silu(x @ p("mlp.gate_proj").T) * (x @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+    head = w["model.embed_tokens.weight"] if c.get("tie_word_embeddings") else w["lm_head.weight"]
+    return norm(h, w["model.norm.weight"]) @ head.T

@@ -243,8 +243,9 @@ def write_golden():
 def test_golden_step(tmp_path):
     from safetensors import safe_open
 
-    from slowft.loader import unit_of, write_meta_checkpoint
-    from slowft.tiny import meta_key_order, train_tokenizer
+    from slowft.checkpoint import unit_of
+    from slowft.formats.meta import key_order, write_meta_checkpoint
+    from slowft.tiny import train_tokenizer
 
     with safe_open(GOLDEN, "pt") as f:
         params = json.loads(f.metadata()["params"])
@@ -258,7 +259,7 @@ def test_golden_step(tmp_path):
         u, n = unit_of(k)
         if u:
             units.setdefault(u, {})[n] = v
-    keys = meta_key_order(params["n_layers"])
+    keys = key_order(ModelArgs.from_params(params)) + ["rope.freqs"]
     order = list(dict.fromkeys(unit_of(k)[0] for k in keys if unit_of(k)[0]))
     write_meta_checkpoint(src, ((u, units[u]) for u in order), {k: tuple(v.shape) for k, v in start.items()}, keys,
                           {"rope.freqs": start["rope.freqs"]}, json.dumps(params).encode(), tok, 2, torch.bfloat16)

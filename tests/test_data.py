@@ -55,3 +55,55 @@ def test_held_out_documents_by_seed(tiny, tmp_path):
     assert x.shape == y.shape and torch.equal(x.flatten()[1:], y.flatten()[:-1])
     with pytest.raises(SlowftError, match="has 1 document"):
         TokenData.from_files([docs[0]], tok).split(0.5, 0)
+
+
+def test_mixed_data_packs_text_pieces_beside_whole_examples(tiny, tmp_path):
+    """Text beside JSONL: each text document goes into rows as pieces of at most a row (each
+    token a target once), each example whole, in an order drawn by (seed, step); text alone
+    keeps its windows of the stream."""
+    import json
+
+    from argparse import Namespace
+
+    import finetune
+
+    tok = Tokenizer(tiny(dim=64, layers=2, heads=4) / "tokenizer.model")
+    (tmp_path / "notes.txt").write_text("The keeper of the north light climbed the hundred steps. " * 8)
+    qa = [("Who bakes?", "The baker."), ("What does rye bread cost?", "Two coins.")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                             "content": a}]}) + "\n" for q, a in qa))
+    data = TokenData.from_files([tmp_path], tok)
+    parts = list(zip(data.tokens.split(data.lengths), data.counted.split(data.lengths), data.sources))
+    doc = next(t for t, _, f in parts if f.suffix == ".txt")
+    examples = [(t, c) for t, c, f in parts if f.suffix == ".jsonl"]
+    seq = 48
+    assert data.examples and len(doc) > 3 * seq and data.truncated(seq) == 0
+    x, y, seg = data.packed_rows(seq)
+    found = []
+    for row in range(x.shape[0]):
+        for s in seg[row].unique().tolist():
+            at = seg[row] == s
+            if s == 0:  # padding: nothing counts
+                assert (y[row][at] == -1).all()
+                continue
+            found.append((x[row][at].tolist(), y[row][at].tolist()))
+    # the document: pieces of at most a row, each the next's first token its last target
+    pieces = [p for p in found if p[0] not in [e[:-1].tolist() for e, _ in examples]]  # (in order: packed_rows keeps it)
+    text_inputs = [t for p in pieces for t in p[0]]
+    text_targets = [t for p in pieces for t in p[1]]
+    assert text_inputs == doc[:-1].tolist() and text_targets == doc[1:].tolist()
+    assert all(len(p[0]) <= seq for p in pieces) and len(pieces) == -(-(len(doc) - 1) // seq)
+    # each example whole in a row of its own segment, its prompt's targets not counted
+    for e, counted in examples:
+        want_y = e[1:].masked_fill(~counted[1:], -1).tolist()
+        assert [(e[:-1].tolist(), want_y)] == [p for p in found if p[0] == e[:-1].tolist()]
+    assert len(found) == len(pieces) + len(examples)  # every span once
+    # training rows: a pure function of (seed, step)
+    a = Namespace(batch_size=2, grad_accum=2, seq_len=seq, seed=3)
+    first = finetune.batch_of(data, a, 5)
+    assert all(torch.equal(p, q) for p, q in zip(first, finetune.batch_of(data, a, 5)))
+    assert not torch.equal(first[0], finetune.batch_of(data, a, 6)[0])
+    assert first[0].shape == (4, seq) and first[2] is not None
+    text = TokenData.from_files([tmp_path / "notes.txt"], tok)
+    windows = finetune.batch_of(text, a, 5)
+    assert windows[2] is None and all(torch.equal(p, q) for p, q in zip(windows, text.batch(5, 4, seq, 3)))

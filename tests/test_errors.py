@@ -102,15 +102,14 @@ def test_shapes_that_contradict_params(good, broken, tmp_path, fails):
     assert "feed_forward.w1.weight has shape" in msg and "expected" in msg
 
 
-def test_hugging_face_folder(tmp_path, fails):
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
-    assert "Hugging Face folder" in fails(finetune.main, *train_args(hf, tmp_path), source=hf)
-    assert "Hugging Face folder" in fails(test_gen.main, hf, "cpu", source=hf)
+def test_no_model_folder(tmp_path, fails):
     assert "no such folder" in fails(test_gen.main, tmp_path / "nowhere", "cpu")
-    assert "expected it with --chat" in fails(test_gen.main, hf, "cpu", "--system", "Be brief.")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "params.json: missing" in fails(finetune.main, *train_args(empty, tmp_path), source=empty)
+    (empty / "model.safetensors").write_bytes(b"")
+    assert "config.json: missing" in fails(test_gen.main, empty, "cpu", source=empty)
+    assert "expected it with --chat" in fails(test_gen.main, empty, "cpu", "--system", "Be brief.")
 
 
 def test_bad_data_files(good, tmp_path, fails):

@@ -109,3 +109,55 @@ def test_a_chat_fine_tune_answers_in_test_gen_chat(tiny, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert talk.returncode == 0, talk.stderr
     assert qa[1][1] in talk.stdout
+
+
+def test_held_out_examples_are_scored_whole_each_as_if_alone(gqa_model, tmp_path):
+    """Held-out JSONL (with text beside it) is scored in packed rows: each example whole, its
+    attention within it and its positions from 0, each text piece likewise, every one once. So
+    the loss is the mean over the spans run alone through an in-RAM reference; the stream's
+    windows, which cross examples, give another. Text alone keeps the windows."""
+    import json
+    from argparse import Namespace
+
+    import torch
+    import torch.nn.functional as F
+
+    import finetune
+    from reference import RefLlama, load_meta
+    from slowft.data import TokenData
+    from slowft.model import mean_loss
+    from slowft.tokenizer import Tokenizer
+
+    val_dir, seq = tmp_path / "val", 64
+    val_dir.mkdir()
+    rows = [{"messages": [{"role": "user", "content": "Where is the ferry?"}, {"role": "assistant", "content": "At the quay."}]},
+            {"prompt": "The lamp was lit", "completion": " at dusk."}, {"text": "Salt and wool."},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who bakes?"},
+                          {"role": "assistant", "content": "The baker, at four."}]}]
+    (val_dir / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (val_dir / "notes.txt").write_text("The ferry left the quay at dawn with salt and wool. " * 10)
+    tok = Tokenizer(gqa_model / "tokenizer.model")
+    val = TokenData.from_files([val_dir], tok, flag="--val-data")
+    ref = RefLlama(json.loads((gqa_model / "params.json").read_text()), load_meta(gqa_model))
+    total, counted = 0.0, 0
+    for t, c, f in zip(val.tokens.long().split(val.lengths), val.counted.split(val.lengths), val.sources):
+        y = t.masked_fill(~c, -1)
+        for s in range(0, len(t) - 1, seq) if f.suffix == ".txt" else [0]:  # text: pieces of a row
+            n = min(seq, len(t) - 1 - s)
+            assert f.suffix == ".txt" or n == len(t) - 1  # each example whole
+            with torch.no_grad():
+                logits = ref(t[None, s : s + n])[0]
+            total += F.cross_entropy(logits, y[s + 1 : s + 1 + n], ignore_index=-1, reduction="sum").item()
+            counted += int((y[s + 1 : s + 1 + n] >= 0).sum())
+    assert len(val.lengths) == 5 and len(val.tokens) > 2 * seq  # 4 examples, and the text in pieces
+    a = Namespace(batch_size=2, seq_len=seq)
+    with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", progress=False) as model:
+        held = finetune.HeldOut(model, val, a, finetune.StepLog(tmp_path / "metrics.jsonl", False), tmp_path)
+        packed = held.evaluate(0)
+        windowed = mean_loss(model.logits, *val.windows(seq), a.batch_size)
+        text = TokenData.from_files([val_dir / "notes.txt"], tok, flag="--val-data")
+        text_loss = finetune.HeldOut(model, text, a, held.log, tmp_path).evaluate(0)
+        assert text_loss == mean_loss(model.logits, *text.windows(seq), a.batch_size)
+    assert abs(packed - total / counted) < 1e-5
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["eval_tokens"] == counted
+    assert abs(windowed - packed) > 1e-2, (windowed, packed)

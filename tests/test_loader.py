@@ -169,7 +169,8 @@ def test_import_peak_rss_stays_near_one_block(tiny, tmp_path):
     assert shard > 7 * block_fp32 / 2  # the shard holds 8 blocks (bf16)
     code = PEAK_RSS + textwrap.dedent(f"""
         import torch
-        from slowft.loader import MetaSource, import_model
+        from slowft.checkpoint import import_model
+        from slowft.formats.meta import MetaSource
         from slowft.store import Store
         src = MetaSource.open({str(src)!r})
         store = Store({str(tmp_path / 'w')!r})

@@ -1,4 +1,5 @@
-"""Meta's llama2 checkpoint format: validate a folder, reshard it into units, and write it back.
+"""Meta's original checkpoint format (llama2, CodeLlama, Llama 3.x): validate a folder, reshard it
+into units, and write it back.
 
 Meta splits each tensor across ``consolidated.NN.pth`` files (one per model-parallel rank):
 ``wq wk wv w1 w3 output`` on dim 0, ``wo w2 tok_embeddings`` on dim 1; norms and ``rope.freqs``
@@ -19,20 +20,20 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from . import faults
-from .atomic import fsync_dir, fsync_file, replace_dir, restore_dir, temp_name
-from .errors import SlowftError
-from .model import ModelArgs
-from .progress import progress as progress_of
-from .store import FORMAT, Store, empty_packed
-from .tokenizer import Tokenizer
-from .units import EMBEDDING, HEAD, LAYER, is_layer, is_state, layer
+from .. import faults
+from ..atomic import fsync_dir, fsync_file, replace_dir, restore_dir, temp_name
+from ..checkpoint import check_export_dir, dtype_name, expected_shapes, meta_key, unit_of
+from ..errors import SlowftError
+from ..model import LLAMA3_ROPE_SCALING, ModelArgs
+from ..store import empty_packed
+from ..tokenizer import load_tokenizer
+from ..units import is_state
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -42,63 +43,11 @@ BLOCK_PARAMS = (  # a block's tensors, in the order of Meta's files
     "attention_norm.weight", "ffn_norm.weight",
 )
 EXTRAS = ("rope.freqs",)
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
 
 
 def split_dim(key: str) -> int | None:
     """The dim Meta shards a tensor on, or None for replicated tensors."""
     return _SPLIT_DIM.get(key.split(".")[-2] if key.count(".") else key)
-
-
-def unit_of(key: str) -> tuple[str | None, str]:
-    """Meta key -> (unit, name inside the unit); unit None for untrained extras like rope.freqs."""
-    if key.startswith(LAYER):  # Meta's keys and the units share the block's prefix
-        _, i, rest = key.split(".", 2)
-        return layer(int(i)), rest
-    if key == "tok_embeddings.weight":
-        return EMBEDDING, "weight"
-    if key in ("norm.weight", "output.weight"):
-        return HEAD, key
-    return None, key
-
-
-def meta_key(unit: str, name: str) -> str:
-    return f"{unit}.{name}" if is_layer(unit) or unit == EMBEDDING else name
-
-
-def expected_shapes(args: ModelArgs, with_extras: bool = True) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) shape of every key of a llama2 checkpoint, in Meta's order."""
-    d, hd, v = args.dim, args.head_dim, args.vocab_size
-    shapes = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d)}
-    block = {
-        "attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.kv_heads * hd, d),
-        "attention.wv.weight": (args.kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
-        "feed_forward.w1.weight": (args.hidden_dim, d), "feed_forward.w2.weight": (d, args.hidden_dim),
-        "feed_forward.w3.weight": (args.hidden_dim, d), "attention_norm.weight": (d,), "ffn_norm.weight": (d,),
-    }
-    for i in range(args.n_layers):
-        shapes.update({f"layers.{i}.{k}": s for k, s in block.items()})
-    if with_extras:
-        shapes["rope.freqs"] = (hd // 2,)
-    return shapes
-
-
-def unit_shapes(args: ModelArgs) -> dict[str, dict[str, tuple[int, ...]]]:
-    """unit -> {name inside the unit: shape} of its weights."""
-    out: dict[str, dict] = {}
-    for key, shape in expected_shapes(args, with_extras=False).items():
-        unit, name = unit_of(key)
-        out.setdefault(unit, {})[name] = shape
-    return out
-
-
-def n_params(args: ModelArgs) -> int:
-    """The trained parameters' count (rope.freqs aside)."""
-    return sum(torch.Size(s).numel() for s in expected_shapes(args, with_extras=False).values())
 
 
 def shard_shape(key: str, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -109,10 +58,6 @@ def shard_shape(key: str, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- the source folder
-
-def _looks_like_hf(folder: Path) -> bool:
-    return (folder / "config.json").exists() or any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
@@ -148,7 +93,10 @@ def check_params(params: dict) -> None:
 
 @dataclass
 class MetaSource:
-    """A validated Meta llama2 folder: params.json, consolidated.NN.pth shards, tokenizer.model."""
+    """A validated Meta folder: params.json, consolidated.NN.pth shards, tokenizer.model
+    (sentencepiece for llama2, tiktoken's BPE file for Llama 3)."""
+
+    format = "meta"
 
     path: Path
     params: dict
@@ -167,11 +115,6 @@ class MetaSource:
         folder = folder.resolve()
         params_path = folder / "params.json"
         if not params_path.exists():
-            if _looks_like_hf(folder):
-                raise SlowftError(
-                    f"{folder}: this is a Hugging Face folder (config.json / *.safetensors); "
-                    "expected Meta's original format: params.json, consolidated.NN.pth, tokenizer.model"
-                )
             raise SlowftError(f"{params_path}: missing; expected Meta's params.json (dim, n_layers, n_heads, ...)")
         if not params_path.is_file():
             raise SlowftError(f"{params_path}: not a file; expected Meta's params.json (dim, n_layers, n_heads, ...)")
@@ -189,9 +132,9 @@ class MetaSource:
         if not tokenizer.exists() and (folder.parent / "tokenizer.model").exists():
             tokenizer = folder.parent / "tokenizer.model"  # Meta's download puts it one level up
         if not tokenizer.exists():
-            raise SlowftError(f"{folder / 'tokenizer.model'}: missing; expected the sentencepiece tokenizer.model of this model")
+            raise SlowftError(f"{folder / 'tokenizer.model'}: missing; expected the tokenizer.model of this model")
 
-        n_words = Tokenizer(tokenizer).n_words
+        n_words = load_tokenizer(tokenizer.parent).n_words
         numbered = sorted((int(m[1]), p) for p in folder.iterdir() if (m := _SHARD.match(p.name)))
         if not numbered:
             raise SlowftError(f"{folder}: no consolidated.00.pth; expected Meta's checkpoint shards consolidated.NN.pth")
@@ -212,6 +155,7 @@ class MetaSource:
         wq = first.get("layers.0.attention.wq.weight")
         if wq is None or "tok_embeddings.weight" not in first:
             raise SlowftError(f"{self.shards[0]}: expected llama2 keys (tok_embeddings.weight, layers.0.attention.wq.weight, ...)")
+        self.args.tie_embeddings = "output.weight" not in first  # Llama 3.2 1B/3B: the embedding is the head too
         rows = self.args.n_heads * self.args.head_dim
         if wq.shape[0] * n != rows:
             raise SlowftError(
@@ -220,7 +164,7 @@ class MetaSource:
                 "expected params.json and every consolidated.NN.pth of one checkpoint"
             )
         if self.args.vocab_size <= 0:
-            self.args.vocab_size = first["output.weight"].shape[0] * n
+            self.args.vocab_size = first["tok_embeddings.weight"].shape[0]
         self.key_order = list(first.keys())
         self.dtype = wq.dtype
         want = expected_shapes(self.args, with_extras=False)
@@ -240,6 +184,10 @@ class MetaSource:
                     )
             del sd
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenizer.parent
+
     def fingerprint(self) -> str:
         """Identifies this exact checkpoint (path, params, shard sizes and times) for the work-dir cache."""
         h = hashlib.sha256(str(self.path).encode() + self.params_bytes)
@@ -250,6 +198,15 @@ class MetaSource:
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
+
+    def record(self) -> dict:
+        """What the work dir remembers of this source (meta.json), for an export in its image."""
+        return {"format": self.format, "path": str(self.path), "fingerprint": self.fingerprint(), "shards": len(self.shards),
+                "dtype": dtype_name(self.dtype), "key_order": self.key_order, "unit_order": self.units_in_file_order()}
+
+    def kept_files(self) -> dict[str, Path]:
+        """The small files the work dir keeps for export and generation."""
+        return {"params.json": self.path / "params.json", "tokenizer.model": self.tokenizer}
 
     def units_in_file_order(self) -> list[str]:
         order: list[str] = []
@@ -349,27 +306,6 @@ def check_split(shapes: dict[str, tuple[int, ...]], key_order: list[str], shards
             raise SlowftError(f"{flag} {shards}: {key} of shape {list(shapes[key])} does not split into {shards} equal parts on dim {dim}")
 
 
-_EXPORT_FILE = re.compile(r"^(params\.json|tokenizer\.model|consolidated\.\d+\.pth|\.DS_Store)$")
-
-
-def foreign_file(folder: Path) -> str | None:
-    """The first entry of ``folder`` that an export does not write (None for an export, or empty)."""
-    return next((p.name for p in sorted(Path(folder).iterdir()) if not _EXPORT_FILE.match(p.name)), None)
-
-
-def check_export_dir(out_dir: Path) -> None:
-    """An export replaces its folder whole: only an earlier export (or an empty folder) may be
-    there, never a folder of the user's, such as a model Meta's way (it holds checklist.chk)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise SlowftError(f"{out_dir}: is a file; expected a folder for the export")
-    other = foreign_file(out_dir)
-    if other:
-        raise SlowftError(f"{out_dir}: holds {other}, which an export does not write; expected no folder there "
-                          "or an earlier export to replace (pass another --out)")
-
-
 def write_meta_checkpoint(
     out_dir: Path,
     units: Iterable[tuple[str, dict[str, torch.Tensor]]],
@@ -450,52 +386,49 @@ def write_meta_checkpoint(
         raise
 
 
-# ----------------------------------------------------------------------------- import into the store
+# ----------------------------------------------------------------------------- export of any source
 
-def import_model(src: MetaSource, store: Store, storage_dtype: torch.dtype, progress: bool = True,
-                 run: dict | None = None) -> None:
-    """Reshards ``src`` into the store's units (version 0); continues an interrupted import.
+def key_order(args: ModelArgs) -> list[str]:
+    """The order of keys in Meta's consolidated.NN.pth files (no output.weight when tied)."""
+    keys = ["tok_embeddings.weight", "norm.weight"] + ([] if args.tie_embeddings else ["output.weight"])
+    return keys + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in BLOCK_PARAMS]
 
-    ``run`` (a training run's settings) is recorded first, so a run killed during its import
-    is still recognised as that run."""
-    meta = store.read_json("meta.json")
-    if meta is None:
-        meta = {
-            "format": FORMAT,
-            "source": {
-                "path": str(src.path), "fingerprint": src.fingerprint(), "shards": len(src.shards),
-                "dtype": dtype_name(src.dtype), "key_order": src.key_order, "unit_order": src.units_in_file_order(),
-            },
-            "args": asdict(src.args),
-            "storage_dtype": dtype_name(storage_dtype),
-            "imported": False,
-            "run": run,
-        }
-        store.write_json("meta.json", meta)
-    elif run is not None and meta.get("run") is None:
-        meta["run"] = run
-        store.write_json("meta.json", meta)
-    if meta["imported"]:
-        return
-    shapes = expected_shapes(src.args, with_extras=False)
-    unit_size: dict[str, int] = {}
-    for key, shape in shapes.items():
-        unit = unit_of(key)[0]
-        unit_size[unit] = unit_size.get(unit, 0) + torch.Size(shape).numel() * storage_dtype.itemsize
-    done = {u for u, versions in store.unit_versions().items() if 0 in versions and u in unit_size}
-    need = sum(n for u, n in unit_size.items() if u not in done)
-    free = store.free_bytes()
-    if need > free:
-        raise SlowftError(f"{store.root}: import needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; free space or pass another --workdir")
-    with progress_of(sum(unit_size.values()), f"import {src.path.name}", sum(unit_size[u] for u in done), progress) as bar:
-        for unit, tensors in src.read_units(storage_dtype, skip=done):
-            faults.hit("import_unit")
-            store.write_unit(unit, 0, tensors)
-            bar.update(unit_size[unit])
-            del tensors
-    store.write_extras(src.read_extras())
-    store.copy_in(src.path / "params.json", "params.json")
-    store.copy_in(src.tokenizer, "tokenizer.model")
-    store.write_journal({"step": 0, "sweep": None, "versions": dict.fromkeys(unit_size, 0)})
-    meta["imported"] = True
-    store.write_json("meta.json", meta)
+
+def params_of(args: ModelArgs) -> dict:
+    """A params.json that Meta's code builds this model from, for a source in another format: the
+    FFN width comes back through multiple_of (and ffn_dim_multiplier where the width is below
+    Meta's 8/3 dim)."""
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+              "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
+    base = int(2 * (4 * args.dim) / 3)
+    want = args.hidden_dim
+    for multiplier, multiple_of in ((None, 256), (None, want), ((want + 0.5) / base, 1)):
+        if ModelArgs(dim=args.dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).hidden_dim == want:
+            params.update({"multiple_of": multiple_of, **({"ffn_dim_multiplier": multiplier} if multiplier else {})})
+            break
+    if args.rope_scaling:  # Meta's keys where Meta's code has them, the rest where they differ from its defaults
+        params["use_scaled_rope"] = True
+        params.update({f"rope_scaling_{k}": v for k, v in args.rope_scaling.items() if k == "factor" or v != LLAMA3_ROPE_SCALING[k]})
+    return params
+
+
+def write(out_dir: Path, units, args: ModelArgs, extras: dict, kept: Path, source: dict, dtype: torch.dtype,
+          shards: int | None = None, progress=None, **_) -> None:
+    """Writes the model in Meta's format: in the image of a Meta source (its shards, key order and
+    params.json), or from another format's with a params.json made from the model's shape."""
+    kept = Path(kept)
+    if not (kept / "tokenizer.model").exists():
+        raise SlowftError(f"{out_dir}: Meta's format needs a tokenizer.model, and this model's tokenizer is "
+                          "tokenizer.json only; expected --export-format hf")
+    if source.get("format", "meta") == "meta":
+        keys, params = source["key_order"], (kept / "params.json").read_bytes()
+        shards = shards or source["shards"]
+    else:
+        keys, params, extras = key_order(args), json.dumps(params_of(args), indent=2).encode(), {}
+        shards = shards or 1
+    shapes = expected_shapes(args, with_extras=False)
+    shapes.update({k: tuple(v.shape) for k, v in extras.items()})
+    write_meta_checkpoint(out_dir, units, shapes, keys, extras, params, kept / "tokenizer.model", shards, dtype, progress)
+
+
+source_class = MetaSource
