@@ -33,6 +33,9 @@ from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
 from slowft.generate import generate
 from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
 from slowft.formats import FORMATS, open_source
+from slowft.lora import TARGETS as LORA_TARGETS
+from slowft.lora import check_lora
+from slowft.lora import journal_bytes as lora_journal_bytes
 from slowft.formats import meta as meta_format
 from slowft.formats.meta import check_split
 from slowft.model import mean_loss
@@ -49,10 +52,12 @@ from slowft.tokenizer import Tokenizer, load_tokenizer
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
                 "weight_decay", "betas", "optim_state_dtype", "dropout", "seed", "compute_dtype", "rounding",
-                "train_layers", "lisa", "train_on_prompt", "freeze_embeddings", "freeze_head")
+                "train_layers", "lisa", "train_on_prompt", "freeze_embeddings", "freeze_head", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_targets")
 # For llama2-sized models, each moving weights by ~0.05-0.1 % a step (adalite: each tensor by lr
 # of its norm; adamw's is llama2 fine-tunes' usual): extrapolated, not measured here (README,
 # "Which optimizer"; bench/bench_quality.py measured a dim-256 model only).
+LORA_LR = 2e-4  # LoRA's usual for AdamW on llama (PEFT's and mlx-lm's examples: 1e-4 to 2e-4)
 DEFAULT_LR = {"adalite": 1e-3, "adalomo": 5e-4, "adamw": 1e-5, "sgd": 1e-3}
 DEMO_LR = {"adalite": 6e-2, "adalomo": 3e-2, "adamw": 1e-3, "sgd": 0.5}  # a tiny random model takes large steps
 DEMO = dict(dim=128, layers=4, heads=4, kv_heads=2, shards=2, vocab=512, seed=0)
@@ -119,6 +124,13 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=0, help="export a checkpoint to <out>/checkpoints every N steps")
     ap.add_argument("--export-dtype", choices=list(DTYPE_NAMES), default=None, help="default: the source's (bf16 for Meta's)")
+    ap.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                    help="train LoRA adapters of rank R (AdamW, in RAM) instead of every weight: the base is never written")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default: 2 x rank)")
+    ap.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    ap.add_argument("--lora-targets", default=None, help=f"comma-separated, of {','.join(LORA_TARGETS)} (default: all)")
+    ap.add_argument("--export-adapters", action="store_true",
+                    help="with LoRA: also write the adapters alone, in PEFT's layout, to <out>/adapters")
     ap.add_argument("--export-format", default=None, help=f"{' or '.join(FORMATS)} (default: the source's)")
     ap.add_argument("--export-shards", type=int, default=None, help="Meta's format: files (default: the source's count)")
     ap.add_argument("--max-shard-size", type=lambda t: parse_size(t, "--max-shard-size"), default=None,
@@ -134,10 +146,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.resume and a.reset_workdir:
         raise SlowftError("--resume --reset-workdir: one continues the unfinished run, the other discards it; expected one of them")
     a.demo = a.demo or a.model is None
+    check_lora_flags(a, argv if argv is not None else sys.argv[1:])
     if a.demo:
         demo_defaults(a, argv if argv is not None else sys.argv[1:])
     if a.lr is None:
-        a.lr = DEFAULT_LR[a.optimizer]
+        a.lr = LORA_LR if a.lora_rank else DEFAULT_LR[a.optimizer]
     check_optimizer_flags(a)
     for flag, value, ok, want in [
         ("--steps", a.steps, a.steps > 0, "a positive integer"),
@@ -183,6 +196,28 @@ def check_optimizer_flags(a) -> None:
         raise SlowftError(f"--weight-decay {a.weight_decay}: expected a number >= 0")
     if a.betas is not None and not all(0 <= b < 1 for b in a.betas):
         raise SlowftError(f"--betas {a.betas[0]} {a.betas[1]}: expected two numbers in [0, 1)")
+
+
+def check_lora_flags(a, argv: list[str]) -> None:
+    """LoRA's flags: its adapters train with AdamW, so --optimizer is adamw (or not given)."""
+    lora_flags = [f for f in ("--lora-alpha", "--lora-dropout", "--lora-targets", "--export-adapters") if f in argv]
+    if a.lora_rank is None:
+        if lora_flags:
+            raise SlowftError(f"{lora_flags[0]}: a LoRA setting; expected it with --lora-rank")
+        return
+    if a.lora_rank <= 0:
+        raise SlowftError(f"--lora-rank {a.lora_rank}: expected a positive integer")
+    if "--optimizer" in argv and a.optimizer != "adamw":
+        raise SlowftError(f"--optimizer {a.optimizer}: LoRA's adapters train with AdamW; expected --optimizer adamw or none")
+    a.optimizer = "adamw"
+    a.lora_alpha = a.lora_alpha if a.lora_alpha is not None else 2.0 * a.lora_rank
+    a.lora_dropout = a.lora_dropout or 0.0
+    if not 0 <= a.lora_dropout < 1:
+        raise SlowftError(f"--lora-dropout {a.lora_dropout}: expected a number in [0, 1)")
+    a.lora_targets = ",".join(t.strip() for t in (a.lora_targets or ",".join(LORA_TARGETS)).split(","))
+    unknown = [t for t in a.lora_targets.split(",") if t not in LORA_TARGETS]
+    if unknown:
+        raise SlowftError(f"--lora-targets {unknown[0]}: unknown; expected some of {','.join(LORA_TARGETS)}")
 
 
 def make_run_optimizer(a):
@@ -304,6 +339,8 @@ def main(argv=None) -> int:
     try:
         resumed = start_or_resume(store, a, i)
         model = OffloadedModel(store, i.device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding)
+        if a.lora_rank:  # (its settings checked in check_inputs; the work dir's, by the run's settings)
+            model.enable_lora(a.lora_rank, a.lora_alpha, a.lora_targets.split(","), a.lora_dropout, a.seed)
         writes = WritePlan(model.layout(), a, i.export_bytes, model.step_count)
         print(plan_summary(model, a, i.out, writes))
         check_disk(model, a, i.out)
@@ -334,6 +371,11 @@ def check_inputs(a) -> Inputs:
     if a.seq_len > src.args.max_seq_len:
         raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
     check_layers(a, src.args.n_layers)
+    if a.lora_rank:
+        try:
+            check_lora(src.args, a.lora_rank, a.lora_targets.split(","))
+        except ValueError as e:
+            raise SlowftError(str(e).replace("LoRA rank", "--lora-rank")) from None
     export_bytes = n_params(src.args) * (DTYPE_NAMES[a.export_dtype] if a.export_dtype else src.dtype).itemsize
     budget = default_ram_budget(device) if a.ram_budget is None else a.ram_budget
     WritePlan(Layout.estimate(src.args, DTYPE_NAMES[a.storage_dtype], DTYPE_NAMES[a.compute_dtype], budget), a,
@@ -422,8 +464,11 @@ class WritePlan:
         self.steps, self.resident = max(0, a.steps - first_step), False
         opt = make_run_optimizer(a)
         samples = range(first_step, first_step + max(1, min(self.steps, 16 if a.lisa else 1)))
+        lora = bool(a.lora_rank)
+        adapters = lora_journal_bytes(args, a.lora_rank, a.lora_targets.split(",")) if lora else 0
         per = [projected_writes(layout, opt, plan_step(args.n_layers, a.batch_size * a.grad_accum, a.batch_size,
-                                                       **step_subset(a, args.n_layers, t)), a.seq_len) for t in samples]
+                                                       **step_subset(a, args.n_layers, t), lora=lora), a.seq_len, adapters)
+               for t in samples]
         self.per_step = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
         self.step_bytes = sum(self.per_step.values())
         self.resident = self.step_bytes == 0
@@ -432,7 +477,7 @@ class WritePlan:
         self.exports = export_bytes * (1 + (self.steps // a.save_every if a.save_every else 0))
         self.total = self.step_bytes * self.steps + self.exports
         trainable = plan_step(args.n_layers, 1, **{**step_subset(a, args.n_layers, first_step),
-                                                  **({"train_layers": None} if a.lisa else {})}).trained
+                                                  **({"train_layers": None} if a.lisa else {})}, lora=lora).trained
         self.state = sum(state_bytes(opt, shape) for unit, shapes in unit_shapes(args).items() if unit in trainable
                          for shape in shapes.values())
 
@@ -677,6 +722,8 @@ def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path, heldout: "HeldOu
     if a.prompt:
         show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
     final = export(model, a, out / "model")
+    if a.export_adapters:
+        print(f"adapters: {model.save_adapters(out / 'adapters')} (PEFT's layout)")
     meta = model.store.read_json("meta.json")
     meta["run"]["finished"] = True
     model.store.write_json("meta.json", meta)

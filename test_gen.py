@@ -5,9 +5,9 @@
                        [--temperature T] [--top-p P] [--seed S]
     python test_gen.py path/to/model --chat [--prompt TEXT] [--system TEXT]
 
-Works on a Meta llama2 folder (imported into the work-dir cache on first use, reused after)
+Works on a model folder, Meta's or Hugging Face's (imported into the work-dir cache on first use, reused after)
 and on a folder that finetune.py exported. Greedy unless --temperature is above 0. ``--chat``
-talks in llama2's chat format (as finetune.py trains on chat JSONL): with --prompt it answers
+talks in the model's chat format (as finetune.py trains on chat JSONL: llama2's, Llama 3's, or its folder's chat template): with --prompt it answers
 that one user turn, without it it reads your turns from stdin until an empty line or EOF.
 """
 from __future__ import annotations
@@ -17,22 +17,24 @@ from pathlib import Path
 import slowft
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.errors import SlowftError
+from slowft.lora import read_peft
 from slowft.tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "The keeper of the north light"
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(description="Continue a prompt with a llama2 model whose blocks stay on SSD.")
-    ap.add_argument("model", type=Path, help="Meta llama2 folder or a finetune.py export")
+    ap = ArgumentParser(description="Continue a prompt with a llama model whose blocks stay on SSD.")
+    ap.add_argument("model", type=Path, help="a model folder (Meta's or Hugging Face's) or a finetune.py export")
     ap.add_argument("device", nargs="?", default="auto", help="auto (mps > cuda > cpu), mps, cuda, cpu")
     ap.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r} (with --chat: read turns from stdin)")
-    ap.add_argument("--chat", action="store_true", help="answer in llama2's chat format, streaming")
+    ap.add_argument("--chat", action="store_true", help="answer in the model's chat format, streaming")
     ap.add_argument("--system", default=None, help="with --chat: the system message")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 48 (with --chat: 256)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--adapters", type=Path, default=None, help="a LoRA adapters folder in PEFT's layout, applied to the model")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--ram-budget", type=parse_size, default=None, help="RAM for resident blocks, e.g. 8G")
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
     with slowft.load(a.model, workdir=a.workdir, device=a.device, storage_dtype="auto", compute_dtype=a.compute_dtype,
                      ram_budget=a.ram_budget) as model:
         tokenizer = load_tokenizer(model.store.root)
+        if a.adapters is not None:
+            settings, pairs = read_peft(a.adapters, model.args)
+            model.enable_lora(**settings).load(pairs)
         if a.chat:
             talk(model, tokenizer, a)
             return 0

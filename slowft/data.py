@@ -1,5 +1,6 @@
-"""Training text: plain-text files and JSONL examples -> one token stream -> random windows,
-reproducible per step.
+"""Training text: plain-text files and JSONL examples -> one token stream -> the rows of a step:
+random windows of text alone, or, where there are examples, examples whole and text in pieces,
+packed (TokenData.spans), reproducible per step.
 
 A ``.txt`` file is a document, all of it learned. A ``.jsonl`` file holds one example a line:
 ``{"text": ...}`` (a document), ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}``

@@ -5,6 +5,7 @@ weightless ``TransformerBlock`` holds the code; each block's tensors are passed 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +21,8 @@ from .errors import SlowftError
 from .checkpoint import DTYPE_NAMES, check_export_dir, dtype_of, import_model, meta_key, n_params
 from .formats import open_source, writer
 from .activations import Activations
+from .lora import DEFAULT_TARGETS, TARGETS, Adapters, write_peft
+from .optim import AdamW
 from .model import Head, KVCache, ModelArgs, TransformerBlock, packed_mask, packed_positions, precompute_rope
 from .plan import Layout, split_budget
 from .progress import progress as progress_of
@@ -182,7 +185,9 @@ class OffloadedModel:
             raise SlowftError(f"{store.root / 'journal.json'}: unit versions disagree with step {self.step_count}; pass --reset-workdir")
         # the gradients the journal names: one file per micro-batch ("grad": one, before micro-batches)
         self.grad_files: list[str] = (self.sweep.get("grads") or [self.sweep["grad"]]) if self.sweep else []
-        store.collect_garbage(versions, set(self.grad_files))
+        self.lora: Adapters | None = None  # enable_lora
+        self.lora_file: str | None = journal.get("lora")  # the adapters the journal names, in scratch
+        store.collect_garbage(versions, set(self.grad_files) | ({self.lora_file} if self.lora_file else set()))
         self.unit_bytes = {u: store.unit_bytes(u, v) for u, v in versions.items()}
         self.ram_budget = default_ram_budget(device) if ram_budget is None else int(ram_budget)
         self.io = io or IOWorker()
@@ -261,6 +266,17 @@ class OffloadedModel:
         return functional_call(self._block, w, (x, rope), {"start_pos": start_pos, "cache": kv, "drop": drop, "split": split,
                                                            "mask": mask})
 
+    def adapted_block_fn(self, i: int):
+        """block_fn for block i, with its LoRA paths where adapters are on."""
+        if self.lora is None:
+            return self.block_fn
+
+        def fn(w, *args, **kwargs):
+            with self.lora.applied(i, w):
+                return self.block_fn(w, *args, **kwargs)
+
+        return fn
+
     def head_fn(self, w, h):
         return functional_call(self._head, w, (h,))
 
@@ -293,7 +309,7 @@ class OffloadedModel:
             rope = rope[0][pos], rope[1][pos]
         h = self.embed(tokens)
         for i in range(self.args.n_layers):
-            h = self.run_unit(units.layer(i), self.block_fn, h, rope, start_pos, kv[i] if kv else None, mask=mask)
+            h = self.run_unit(units.layer(i), self.adapted_block_fn(i), h, rope, start_pos, kv[i] if kv else None, mask=mask)
         return self.head_logits(h)
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -332,9 +348,57 @@ class OffloadedModel:
         updated: the rest is read, never written. ``segments`` [N, T]: rows packed with several
         examples, an id each: attention stays within an example, positions restart with it."""
         self.usable()
+        if self.lora_file is not None and self.lora is None:
+            raise SlowftError(f"{self.store.root}: holds a LoRA run's adapters; enable_lora() with its settings to go on, "
+                              "or pass --reset-workdir")
+        if self.lora is not None:
+            if not isinstance(optimizer, AdamW):
+                raise SlowftError("LoRA trains its adapters with AdamW; expected slowft.AdamW (--optimizer adamw)")
+            self.lora.use_optimizer(optimizer.lr, optimizer.betas, optimizer.eps, optimizer.weight_decay)
         return train.train_step(self, tokens, targets, optimizer, dropout=dropout, seed=seed,
                                 micro_batch_size=micro_batch_size, train_layers=train_layers,
                                 train_embedding=train_embedding, train_head=train_head, segments=segments)
+
+    # -- LoRA
+
+    def enable_lora(self, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS, dropout: float = 0.0,
+                    seed: int = 0) -> Adapters:
+        """From now on ``step`` trains low-rank adapters of the blocks' ``targets`` (slowft.lora)
+        with AdamW in RAM (the optimizer step() is given sets its lr, betas, eps and weight decay),
+        and never writes a unit; logits and exports include them. Adapters the work dir's journal
+        names are taken up again (a resumed LoRA run), with the same settings only."""
+        self.usable()
+        try:
+            adapters = Adapters(self.args, rank, alpha, targets, dropout, seed, self.device)
+        except ValueError as e:
+            raise SlowftError(f"LoRA: {e}") from None
+        adapters.use_optimizer(lr=0.0)
+        if self.lora_file is None and self.step_count > 0:
+            raise SlowftError(f"{self.store.root}: holds a full fine-tune at step {self.step_count}; LoRA trains adapters on "
+                              "the source's weights: pass --reset-workdir or another --workdir")
+        if self.lora_file is not None:
+            if self.meta.get("lora") != adapters.config():
+                raise SlowftError(f"{self.store.root}: holds LoRA adapters made with {self.meta.get('lora')}, not "
+                                  f"{adapters.config()}; resume with those settings, or pass --reset-workdir")
+            adapters.load_flat(self.store.read_scratch(self.lora_file, "lora"))
+        elif self.meta.get("lora") != adapters.config():
+            self.meta["lora"] = adapters.config()
+            self.store.write_json("meta.json", self.meta)
+        self.lora = adapters
+        return adapters
+
+    def adapted(self, i: int, weights: dict, drop=None):
+        """A context in which block i, run on ``weights``, takes its LoRA paths (if any)."""
+        return self.lora.applied(i, weights, drop) if self.lora is not None else contextlib.nullcontext()
+
+    def save_adapters(self, out_dir) -> Path:
+        """The adapters alone, in PEFT's layout for the Hugging Face form of this model."""
+        if self.lora is None:
+            raise SlowftError("save_adapters: no LoRA adapters; expected enable_lora() first")
+        out_dir = Path(out_dir).expanduser().resolve()
+        check_export_path(out_dir, Path(self.meta["source"]["path"]), self.store.root)
+        write_peft(out_dir, self.lora, self.args, self.meta["source"]["path"])
+        return out_dir
 
     def writer(self, seed: int, step: int, unit: str):
         """name -> how the optimizer stores tensor ``name`` of ``unit`` (a weight, or a state
@@ -355,14 +419,24 @@ class OffloadedModel:
         part-way through the step's backward, with the gradients flowing into the next unit
         (``grads``: (file name, tensor or a function giving it), one per micro-batch)."""
         names = sweep["grads"] if sweep else []
-        self.cache.commit({"step": self.step_count, "sweep": sweep}, grads=grads,
-                          old_grads=[n for n in self.grad_files if n not in names])
+        old = [n for n in self.grad_files if n not in names]
+        journal = {"step": self.step_count, "sweep": sweep}
+        if self.lora is not None and sweep is None and self.lora_file != self.lora_name():
+            grads = [*grads, (self.lora_name(), self.lora.flat(), "lora")]  # written before the journal that names it
+            old += [self.lora_file] if self.lora_file else []
+            self.lora_file = self.lora_name()
+        if self.lora_file:
+            journal["lora"] = self.lora_file
+        self.cache.commit(journal, grads=grads, old_grads=old)
         self.grad_files, self.sweep = names, sweep
+
+    def lora_name(self) -> str:
+        return f"lora.s{self.step_count:06d}"
 
     def sync(self) -> None:
         """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
         self.usable()
-        if self.cache.dirty:
+        if self.cache.dirty or (self.lora is not None and self.lora_file != self.lora_name()):
             self.commit()
         self.io.drain()
         self.last_sync = time.monotonic()
@@ -377,9 +451,14 @@ class OffloadedModel:
         for unit in order:
             tensors = self.cache.get(unit)
             try:  # copies: the cache recycles its buffers once a unit leaves it
-                yield unit, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+                out = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
             finally:
                 self.cache.release(unit)
+            if self.lora is not None and units.is_layer(unit):  # merged: W + (alpha/rank) B A, in fp32
+                for t in self.lora.targets:
+                    name = TARGETS[t]
+                    out[name] = out[name].float() + self.lora.delta(units.layer_index(unit), t).cpu()
+            yield unit, out
 
     def named_tensors(self):
         """(Meta key, tensor) for every trained tensor, e.g. to compare against a reference."""

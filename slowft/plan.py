@@ -20,6 +20,7 @@ from .errors import SlowftError
 from .checkpoint import unit_shapes
 from .model import ModelArgs
 from .optim import state_bytes
+from .store import CATEGORIES
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index, layers
 
 COMMIT_FIXED_BYTES = 8 << 20  # what a commit's fsynced files cost beyond their bytes, in writing time
@@ -36,16 +37,19 @@ class StepPlan:
     micro: int  # rows of the batch per micro-batch
     trained: frozenset
     stop: int
+    lora: bool = False  # the blocks' LoRA adapters learn (the backward reaches block 0), no unit is written
 
     def key(self) -> str:
-        return f"{self.n_micro}x{self.micro}:{','.join(sorted(self.trained))}"
+        return f"{self.n_micro}x{self.micro}:{','.join(sorted(self.trained))}" + (":lora" if self.lora else "")
 
 
 def plan_step(n_layers: int, rows: int, micro_batch_size: int | None = None, train_layers=None,
-              train_embedding: bool = True, train_head: bool = True) -> StepPlan:
+              train_embedding: bool = True, train_head: bool = True, lora: bool = False) -> StepPlan:
     micro = rows if micro_batch_size is None else int(micro_batch_size)
     if micro <= 0 or rows % micro:
         raise SlowftError(f"micro_batch_size {micro_batch_size}: expected a positive divisor of the batch's {rows} rows")
+    if lora:  # the head and the blocks pass gradients down to every block's adapters; no unit learns
+        return StepPlan(rows // micro, micro, frozenset(), 1 + n_layers, lora=True)
     blocks = range(n_layers) if train_layers is None else sorted(set(train_layers))
     if any(not 0 <= i < n_layers for i in blocks):
         raise SlowftError(f"train_layers {list(blocks)}: expected layers from 0 to {n_layers - 1}")
@@ -112,16 +116,19 @@ class Layout:
         return cls(args, sizes, dict.fromkeys(sizes, 0), compute_dtype, ram_budget)
 
 
-def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int) -> dict[str, int]:
+def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int, lora_bytes: int = 0) -> dict[str, int]:
     """Bytes one streaming step writes to the work dir, by the store's categories: the trained
     units with their optimizer state, the activations that spill, the gradients the journal
-    copies, the journal. All 0 where the model fits the RAM budget (it writes only at syncs)."""
+    copies, the journal (with LoRA, the adapters and their state: ``lora_bytes``). All 0 where
+    the model fits the RAM budget (it writes only at syncs)."""
     args, K = layout.args, plan.n_micro
     x_bytes = plan.micro * seq_len * args.dim * layout.compute_dtype.itemsize
     unit_budget, act_budget = split_budget(layout.ram_budget, sum(layout.unit_bytes.values()), x_bytes * args.n_layers * K)
-    out = dict.fromkeys(("weights", "optim", "inputs", "grads", "journal"), 0)
+    out = dict.fromkeys(CATEGORIES, 0)
     if unit_budget >= sum(layout.unit_bytes.values()):
         return out
+    if plan.lora:
+        out["lora"] = lora_bytes + FILE_HEADER
     acts = Activations(None, None, None, act_budget)
     acts.start(K, x_bytes, *activation_plan(args.n_layers, plan, 0)[:2])
     shapes = unit_shapes(args)
@@ -132,7 +139,8 @@ def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int) ->
     out["inputs"] = file * sum(acts.spills_input(i, j) for i in range(args.n_layers + 1) for j in range(K))
     out["grads"] = file * (plan.stop - 1) * (K - acts.flow)  # each unit but the last hands a gradient down
     every = commit_every(max(layout.unit_bytes[u] for u in layers(args.n_layers)), x_bytes, acts.flow)
-    commits = sum(1 for k in range(plan.stop) if (k + 1) % every == 0 and k + 1 < plan.stop)
+    whole = plan.lora or args.tie_embeddings  # steps that commit only when whole (slowft.train)
+    commits = 0 if whole else sum(1 for k in range(plan.stop) if (k + 1) % every == 0 and k + 1 < plan.stop)
     out["grads"] += commits * file * acts.flow
     out["journal"] = commits * journal_bytes(args.n_layers, K) + journal_bytes(args.n_layers, 0)
     return out

@@ -54,7 +54,7 @@ _DTYPES = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _UNIT_FILE = re.compile(r"^(?P<unit>.+)\.v(?P<version>\d+)\.safetensors$")
-CATEGORIES = ("weights", "optim", "inputs", "grads", "journal")
+CATEGORIES = ("weights", "optim", "inputs", "grads", "journal", "lora")  # (lora: LoRA adapters, journaled)
 SPARES = 128  # spare files of one size, at most: a safety net, since each step's writes take them again
 
 

@@ -390,7 +390,7 @@ class UnitCache:
 
     def commit(self, journal: dict, grads=(), old_grads=()) -> Future:
         """Writes dirty units and ``grads`` ((name, the tensor, a function giving it, or the
-        Future of its write under that name already queued); then ``journal`` naming the
+        Future of its write under that name already queued[, the bytes' category]); then ``journal`` naming the
         new versions, then deletes what it superseded; the last three on the writer thread,
         after the unit writes they name."""
         for unit, entry in self.entries.items():
@@ -401,14 +401,14 @@ class UnitCache:
         deps = list(self._uncommitted)
         self._uncommitted.clear()
         last = None
-        for name, grad in grads:
+        for name, grad, *category in grads:
             if isinstance(grad, Future):  # already being written under this name
                 deps.append(grad)
                 continue
             if callable(grad) and last is not None:  # read back: one at a time in memory
                 self.io.wait(last)
             g = grad() if callable(grad) else grad
-            last = self.io.submit(self.store.write_scratch, name, g.detach().cpu(), "grads", write=True)
+            last = self.io.submit(self.store.write_scratch, name, g.detach().cpu(), category[0] if category else "grads", write=True)
             deps.append(last)
             del g
         versions = dict(self.versions)

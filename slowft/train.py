@@ -30,7 +30,8 @@ from . import faults
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .fused import BlockUpdate, EmbeddingUpdate, HeadUpdate
 from .heap import release_free_heap
-from .model import SeededDropout, packed_mask
+from .lora import LoraBlock
+from .model import SeededDropout, packed_mask, packed_positions
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index
 from .plan import StepPlan, activation_plan, commit_every, plan_step
 
@@ -53,7 +54,8 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
         raise SlowftError(f"step: tokens and targets must both be [batch, seq]; got {list(tokens.shape)} and {list(targets.shape)}")
     if tokens.shape[1] > model.args.max_seq_len:
         raise SlowftError(f"--seq-len {tokens.shape[1]}: above the model's limit of {model.args.max_seq_len}")
-    plan = plan_step(model.args.n_layers, tokens.shape[0], micro_batch_size, train_layers, train_embedding, train_head)
+    plan = plan_step(model.args.n_layers, tokens.shape[0], micro_batch_size, train_layers, train_embedding, train_head,
+                     lora=model.lora is not None)
     if segments is not None and segments.shape != tokens.shape:
         raise SlowftError(f"step: segments must be [batch, seq] like tokens; got {list(segments.shape)}")
     return _Step(model, tokens, targets, optimizer, plan, dropout, seed, segments).run()
@@ -95,6 +97,11 @@ class _Step:
         # large as the matrix, too large to journal every few units.
         self.tied = model.args.tie_embeddings
         self.tied_grad = None
+        # LoRA: the adapters learn, in RAM (their gradients summed over the whole backward); the
+        # step, too, commits only when whole
+        self.lora = model.lora
+        self.lora_drop = SeededDropout(self.lora.dropout, seed, self.t) if self.lora and self.lora.dropout > 0 else None
+        self.whole = self.tied or self.lora is not None
 
     def at(self, layer_: int | str, j: int):
         return self.drop.at(layer_, j) if self.drop else None
@@ -109,16 +116,9 @@ class _Step:
         if self.segments is None:
             return self.rope
         if j not in self.ropes:
-            self.ropes[j] = self._packed_rope(self.piece(self.segments, j))
+            pos = packed_positions(self.piece(self.segments, j))
+            self.ropes[j] = self.rope[0][pos], self.rope[1][pos]
         return self.ropes[j]
-
-    def _packed_rope(self, seg: torch.Tensor):
-        starts = torch.ones_like(seg, dtype=torch.bool)
-        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-        index = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
-        pos = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
-        cos, sin = self.rope
-        return cos[pos], sin[pos]
 
     def mask_of(self, j: int):
         return None if self.segments is None else packed_mask(self.piece(self.segments, j))
@@ -132,7 +132,7 @@ class _Step:
         forward = [EMBEDDING, *m.layer_units[:n_run]] if done <= L else []
         trick = _plan_activations(m, self.plan, self.x_bytes, done)
         block = max(m.unit_bytes[u] for u in m.layer_units)
-        self.every = None if m.cache.resident or self.tied else commit_every(block, self.x_bytes, self.acts.flow)
+        self.every = None if m.cache.resident or self.whole else commit_every(block, self.x_bytes, self.acts.flow)
         m.cache.plan(forward + ([EMBEDDING] if self.tied else []) + ([HEAD] if done == 0 else []) + self.bwd[done:])
         try:
             if forward:
@@ -140,6 +140,9 @@ class _Step:
             if done:
                 self.load_journaled_grads()
             self.backward()
+            if self.lora is not None and not self.lora.step():
+                raise NonFiniteError(f"non-finite gradient in the LoRA adapters at step {self.t + 1}; nothing was updated. "
+                                     "Try a lower --lr")
         except NonFiniteError:
             m.io.drain()
             raise
@@ -166,7 +169,8 @@ class _Step:
             faults.hit("forward_block")
             if trick and i == L - 1:
                 self.top = self.open_block(i)
-                h = self.top.forward(self.acts.forward_input(i, 0), self.rope_of(0), self.at(i, 0), output=True, mask=self.mask_of(0))
+                h = self.top.forward(self.acts.forward_input(i, 0), self.rope_of(0), self.at(i, 0), output=True, mask=self.mask_of(0),
+                                     **self.lora_of(i, 0))
                 self.acts.put_input(L, 0, h)
             else:
                 self.forward_block(i)
@@ -194,7 +198,9 @@ class _Step:
                 x = acts.forward_input(i, j)
                 if j + 1 < K:
                     acts.prefetch_forward_input(i, j + 1)
-                acts.put_input(i + 1, j, m.block_fn(w, x, self.rope_of(j), drop=self.at(i, j), mask=self.mask_of(j)))
+                with m.adapted(i, w, self.lora_at(i, j)):
+                    y = m.block_fn(w, x, self.rope_of(j), drop=self.at(i, j), mask=self.mask_of(j))
+                acts.put_input(i + 1, j, y)
         finally:
             m.cache.release(layer(i))
 
@@ -207,7 +213,7 @@ class _Step:
         release_each_block = max(m.unit_bytes[u] for u in m.layer_units) > m.unit_bytes[HEAD]
         for k in range(self.done, len(self.bwd)):
             unit = self.bwd[k]
-            if m.stop_requested and not self.tied:  # (a tied step stops once it is whole)
+            if m.stop_requested and not self.whole:  # (a tied or LoRA step stops once it is whole)
                 self.stop(k)
             faults.hit("backward_unit")
             if unit == HEAD:
@@ -222,8 +228,17 @@ class _Step:
             if self.commits_after(k):
                 self.commit_mid_step(k + 1)
 
+    def lora_at(self, i: int, j: int):
+        """The LoRA paths' dropout for block i, micro-batch j (None: no dropout there)."""
+        return self.lora_drop.at(i, j) if self.lora_drop else None
+
+    def lora_of(self, i: int, j: int) -> dict:
+        return {"lora_drop": self.lora_at(i, j)} if self.lora is not None else {}
+
     def open_block(self, i: int) -> BlockUpdate:
         m, unit = self.model, layer(i)
+        if self.lora is not None:
+            return LoraBlock(m.cache.get(unit), m.compute_dtype, m.block_fn, self.lora, i)
         trained = unit in self.plan.trained
         master = m.cache.get(unit, for_update=trained)
         return BlockUpdate(master, m.compute_dtype, m.block_fn, self.optimizer, self.t + 1, m.writer(self.seed, self.t + 1, unit), trained)
@@ -256,7 +271,7 @@ class _Step:
             acts.prefetch_input(i - 1, 0)
         self.model.progress("backward", k, len(self.bwd), j, K)
         faults.hit("backward_micro")
-        u.forward(x, self.rope_of(j), self.at(i, j), need_input=need_input, mask=self.mask_of(j))
+        u.forward(x, self.rope_of(j), self.at(i, j), need_input=need_input, mask=self.mask_of(j), **self.lora_of(i, j))
         return u.backward(g, last=j == K - 1)
 
     def backward_head(self, k: int) -> None:

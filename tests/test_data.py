@@ -62,7 +62,6 @@ def test_mixed_data_packs_text_pieces_beside_whole_examples(tiny, tmp_path):
     token a target once), each example whole, in an order drawn by (seed, step); text alone
     keeps its windows of the stream."""
     import json
-
     from argparse import Namespace
 
     import finetune
@@ -107,3 +106,24 @@ def test_mixed_data_packs_text_pieces_beside_whole_examples(tiny, tmp_path):
     text = TokenData.from_files([tmp_path / "notes.txt"], tok)
     windows = finetune.batch_of(text, a, 5)
     assert windows[2] is None and all(torch.equal(p, q) for p, q in zip(windows, text.batch(5, 4, seq, 3)))
+
+
+def test_packed_data_needs_an_example_that_fits_not_a_rows_worth_of_tokens(tiny, tmp_path):
+    """Packed rows take a few short examples (fewer tokens than a row), but not a set whose every
+    example is cut to fit: its answers could be cut off whole."""
+    import json
+    import re
+
+    import pytest
+
+    from slowft.errors import SlowftError
+
+    tok = Tokenizer(tiny(dim=64, layers=2, heads=4) / "tokenizer.model")
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"prompt": "Where is the ferry?", "completion": " At the quay."}) + "\n")
+    data = TokenData.from_files([path], tok, flag="--val-data")
+    data.check(seq_len=len(data) - 1)
+    data.check(seq_len=4 * len(data))  # (windows would need a stream longer than a row)
+    want = f"--val-data {path}: no example fits in --seq-len 4 (the shortest needs --seq-len {len(data) - 1})"
+    with pytest.raises(SlowftError, match=re.escape(want)):
+        data.check(seq_len=4)

@@ -1,4 +1,5 @@
 """End to end, as a user runs it: finetune.py on a tiny model, then test_gen.py on the export."""
+import io
 import json
 import math
 import re
@@ -11,26 +12,32 @@ PROMPT = "The keeper of the north light"
 
 def learned(continuation: str) -> bool:
     """The corpus continues the prompt with "climbed the hundred steps every evening at dusk"."""
-    return re.sub(r"\s+", " ", continuation).strip().startswith("climbed")
+    text = re.sub(r"\s+", " ", continuation).strip()
+    return text.startswith("climbed") and "steps every evening at dusk" in text
 
 
-def test_finetune_learns_and_exports(tiny, tmp_path):
+def test_finetune_learns_and_exports(tiny, tmp_path, capsys, monkeypatch):
+    """The demo's run: the prose's continuation learned, and test_data/chat.jsonl's answers, word
+    for word, from test_gen.py --chat."""
+    import test_gen
+    from slowft.tiny import TEST_DATA
+
     src = tiny(dim=128, layers=4, heads=4, kv_heads=2, shards=2)
     before = tree_hash(src)
     out = tmp_path / "run"
     # the demo's settings, given in full (the default adalite moves each tensor by lr of its norm a step)
-    r = run_script("finetune.py", src, "--steps", 60, "--batch-size", 8, "--grad-accum", 1, "--seq-len", 64, "--lr", 6e-2,
+    r = run_script("finetune.py", src, "--steps", 120, "--batch-size", 16, "--grad-accum", 1, "--seq-len", 64, "--lr", 6e-2,
                    "--min-lr", 1.2e-2, "--warmup-steps", 3, "--device", "cpu", "--ram-budget", 0, "--out", out,
-                   "--workdir", tmp_path / "w", "--prompt", PROMPT, "--max-new-tokens", 16)
+                   "--workdir", tmp_path / "w", "--prompt", PROMPT, "--max-new-tokens", 24)
     assert r.returncode == 0, r.stderr
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(1, 61))
+    assert [s["step"] for s in steps] == list(range(1, 121))
     assert steps[-1]["loss"] <= steps[0]["loss"] / 2
     assert all(s["written_bytes"]["weights"] > 0 for s in steps[1:])  # ram budget 0: every block via the disk
     totals = [s["written_total_bytes"] for s in steps]
     assert totals == sorted(totals) and totals[-1] == sum(sum(s["written_bytes"].values()) for s in steps)
     # the writes were projected before the run, and the summary sets them against the projection
-    projected = re.search(r"SSD writes: .* projected for 60 steps \(([-+][\d.]+)%\)", r.stdout)
+    projected = re.search(r"SSD writes: .* projected for 120 steps \(([-+][\d.]+)%\)", r.stdout)
     assert projected and abs(float(projected[1])) <= 10, r.stdout[-600:]
     assert re.search(r"MB per trained token; ~[\d.]+ [KMG]B for this run", r.stdout)
     assert tree_hash(src) == before  # nothing written in the source folder
@@ -40,10 +47,20 @@ def test_finetune_learns_and_exports(tiny, tmp_path):
     with slowft.load(out / "model", workdir=tmp_path / "w2", device="cpu", progress=False) as model:
         assert model.args.n_layers == 4 and model.meta["source"]["shards"] == 2
 
-    g = run_script("test_gen.py", out / "model", "cpu", "--prompt", PROMPT, "--max-new-tokens", 16)
+    g = run_script("test_gen.py", out / "model", "cpu", "--prompt", PROMPT, "--max-new-tokens", 24)
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith(PROMPT)
     assert learned(g.stdout[len(PROMPT):]), g.stdout
+    chats = [json.loads(line)["messages"] for line in (TEST_DATA / "chat.jsonl").read_text().splitlines()]
+    qa = dict((m[0]["content"], m[1]["content"]) for m in chats)
+    assert len(qa) >= 4
+    capsys.readouterr()
+    for question, answer in qa.items():  # (test_gen.py's main in this process: no interpreter start for each)
+        assert test_gen.main([str(out / "model"), "cpu", "--chat", "--prompt", question, "--workdir", str(tmp_path / "w2")]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == answer, question
+    monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n\n"))  # without --prompt: turns from stdin, to an empty line
+    assert test_gen.main([str(out / "model"), "cpu", "--chat", "--workdir", str(tmp_path / "w2")]) == 0
+    assert answer in capsys.readouterr().out
 
 
 def test_a_collapse_to_the_uniform_output_stops_the_run():
@@ -84,33 +101,6 @@ def test_held_out_loss_is_logged_and_plotted(tiny, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_chat_fine_tune_answers_in_test_gen_chat(tiny, tmp_path):
-    """Chat JSONL in, llama2's chat format both ways: test_gen.py --chat answers a trained question
-    with its trained answer, for one --prompt and for turns read from stdin."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    src = tiny(dim=64, layers=2, heads=4, kv_heads=2, shards=2)
-    qa = [("Where does the Gull sail from?", "From Oskeby."), ("What does the Heron carry?", "Barley and slate.")]
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]} for q, ans in qa] * 20
-    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "run"
-    r = run_script("finetune.py", src, "--data", tmp_path / "chat.jsonl", "--steps", 60, "--batch-size", 8, "--grad-accum", 1,
-                   "--seq-len", 64, "--lr", 6e-2, "--min-lr", 1e-2, "--warmup-steps", 3, "--device", "cpu",
-                   "--ram-budget", 0, "--out", out, "--workdir", tmp_path / "w")
-    assert r.returncode == 0, r.stderr
-    assert "longer than --seq-len" not in r.stdout  # every example whole in its row
-    g = run_script("test_gen.py", out / "model", "cpu", "--chat", "--prompt", qa[0][0])
-    assert g.returncode == 0, g.stderr
-    assert g.stdout.strip() == qa[0][1]
-    talk = subprocess.run([sys.executable, "test_gen.py", str(out / "model"), "cpu", "--chat"], cwd=ROOT, input=qa[1][0] + "\n\n",
-                          capture_output=True, text=True, timeout=120)
-    assert talk.returncode == 0, talk.stderr
-    assert qa[1][1] in talk.stdout
-
-
 def test_held_out_examples_are_scored_whole_each_as_if_alone(gqa_model, tmp_path):
     """Held-out JSONL (with text beside it) is scored in packed rows: each example whole, its
     attention within it and its positions from 0, each text piece likewise, every one once. So
@@ -125,7 +115,7 @@ def test_held_out_examples_are_scored_whole_each_as_if_alone(gqa_model, tmp_path
     import finetune
     from reference import RefLlama, load_meta
     from slowft.data import TokenData
-    from slowft.model import mean_loss
+    from slowft.model import mean_loss, packed_positions
     from slowft.tokenizer import Tokenizer
 
     val_dir, seq = tmp_path / "val", 64
@@ -159,5 +149,7 @@ def test_held_out_examples_are_scored_whole_each_as_if_alone(gqa_model, tmp_path
         text_loss = finetune.HeldOut(model, text, a, held.log, tmp_path).evaluate(0)
         assert text_loss == mean_loss(model.logits, *text.windows(seq), a.batch_size)
     assert abs(packed - total / counted) < 1e-5
+    # (rotary attention sees only relative positions, so restarting them shows in no loss: here)
+    assert packed_positions(torch.tensor([[1, 1, 1, 2, 2, 0, 0]])).tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["eval_tokens"] == counted
-    assert abs(windowed - packed) > 1e-2, (windowed, packed)
+    assert abs(windowed - packed) > 1e-4, (windowed, packed)  # (a random model's losses are all near ln(vocab))
