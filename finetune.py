@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Fine-tune every weight of a llama2 model that does not fit in memory.
+"""Fine-tune every weight of a llama model that does not fit in memory (or, with --lora-rank,
+low-rank adapters of it, the base only read).
 
     python finetune.py path/to/llama-2-13b --data notes.txt     # your model, your text
     python finetune.py --demo                                   # a tiny model made on the fly (~1 min)
@@ -7,8 +8,8 @@
 The recipe, top to bottom: parse_args (the command line) -> check_inputs (the model folder, the
 data, --out and the projected SSD writes: mistakes surface in the first second, before anything
 is written) -> start_or_resume (import the model into the work dir, or resume an unfinished
-run) -> plan_summary -> train (step by step, each logged; RunMeter) -> finish (export in Meta's
-format to --out).
+run) -> plan_summary -> train (step by step, each logged; RunMeter) -> finish (export to --out,
+in the source's layout or --export-format's).
 """
 from __future__ import annotations
 
@@ -207,6 +208,10 @@ def check_lora_flags(a, argv: list[str]) -> None:
         return
     if a.lora_rank <= 0:
         raise SlowftError(f"--lora-rank {a.lora_rank}: expected a positive integer")
+    subset = next((f for f, on in (("--train-layers", a.train_layers), ("--lisa", a.lisa), ("--freeze-embeddings", a.freeze_embeddings),
+                                    ("--freeze-head", a.freeze_head)) if on), None)
+    if subset:
+        raise SlowftError(f"{subset}: chooses what a full fine-tune trains; LoRA adapts every block and writes no unit")
     if "--optimizer" in argv and a.optimizer != "adamw":
         raise SlowftError(f"--optimizer {a.optimizer}: LoRA's adapters train with AdamW; expected --optimizer adamw or none")
     a.optimizer = "adamw"

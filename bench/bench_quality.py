@@ -11,10 +11,11 @@
    ships and towns), a tenth of the documents held out, with the same batches, token budget and
    schedule (linear warmup, cosine decay) for each of: torch.optim.AdamW in RAM (the
    reference); slowft's adamw, adalite, adalomo and sgd, every unit through the work dir each
-   step (``--ram-budget 0``, fp32 storage); each at the best of a sweep of learning rates (3 by
-   default); then the best slowft optimizer again with bf16 storage and stochastic rounding.
+   step (``--ram-budget 0``, fp32 storage); LoRA (``lora``: rank ``--lora-rank`` adapters of
+   every block matrix, AdamW, the base only read); each at the best of a sweep of learning rates
+   (3 by default); then the best full fine-tune again with bf16 storage and stochastic rounding.
 3. Reported for each: held-out loss before and every ``--eval-every`` steps, bytes written to
-   the work dir per step (measured), seconds per step (median), the sweep; goals: slowft adamw's
+   the work dir per step (measured), seconds per step (median), peak RSS (sampled), the sweep; goals: slowft adamw's
    held-out curve within 1e-3 relative of torch's at every eval, and the best of adalite and
    adalomo reaching >= 90 % of AdamW's held-out loss drop at <= 40 % of its bytes written per
    step. A plot (``bench/quality.png``) and, last, one JSON line with every figure.
@@ -22,14 +23,18 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,6 +50,7 @@ from slowft.tiny import train_tokenizer, write_model  # noqa: E402
 LRS = {  # per optimizer, the best of a first sweep (a third lower) in the middle (bench/NOTES.md, stop 22)
     "torch-adamw": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2], "adalite": [1e-2, 3e-2, 1e-1],
     "adalomo": [3e-3, 1e-2, 3e-2], "sgd": [0.03, 0.1, 0.3],
+    "lora": [1e-3, 3e-3, 1e-2],  # LoRA (rank --lora-rank, every block matrix) with AdamW: the base only read
 }
 
 # ----------------------------------------------------------------------------- generated text
@@ -167,12 +173,36 @@ def finetune_torch(src: Path, lr: float, data: TokenData, val, a) -> dict:
     return {"curve": curve, "step_s": statistics.median(times), "written_per_step": 0}
 
 
+class PeakRSS:
+    """The process's largest resident set while a run goes on, sampled every 5 ms by a thread."""
+
+    def __enter__(self):
+        proc = psutil.Process()
+        self.start = self.peak = proc.memory_info().rss  # (the process's: earlier runs' memory counts in both)
+        self.done = threading.Event()
+
+        def sample():
+            while not self.done.wait(0.005):
+                self.peak = max(self.peak, proc.memory_info().rss)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
 def finetune_slowft(src: Path, name: str, lr: float, data: TokenData, val, a, work: Path, storage: str = "float32") -> dict:
-    """slowft with every unit through the work dir each step."""
-    opt = make_optimizer(name, lr) if name != "adamw" else make_optimizer(name, lr, 0.01)
+    """slowft with every unit through the work dir each step (LoRA: read, and only the adapters learn)."""
+    opt = make_optimizer(name, lr) if name not in ("adamw", "lora") else make_optimizer("adamw", lr, 0.01)
     sched = cosine_with_warmup(lr, a.steps, a.warmup, lr / 10)
+    gc.collect()
     with slowft.load(src, workdir=work, device="cpu", storage_dtype=storage, ram_budget=0, progress=False,
-                     reset_workdir=True) as model:
+                     reset_workdir=True) as model, PeakRSS() as rss:
+        if name == "lora":
+            model.enable_lora(a.lora_rank)
         logits = model.logits
         curve, times, written = [evaluate(logits, *val)], [], []
         for step in range(a.steps):
@@ -190,7 +220,8 @@ def finetune_slowft(src: Path, name: str, lr: float, data: TokenData, val, a, wo
             if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
                 curve.append(evaluate(logits, *val))
     return {"curve": curve, "step_s": statistics.median(times) if times else math.nan,
-            "written_per_step": statistics.fmean(written[1:] or written) if written else math.nan}
+            "written_per_step": statistics.fmean(written[1:] or written) if written else math.nan, "peak_rss": rss.peak,
+            "rss_growth": rss.peak - rss.start}
 
 
 def n_evals(a) -> int:
@@ -210,7 +241,8 @@ def sweep(src: Path, data: TokenData, val, a, work: Path) -> dict:
             run["curve"] += [math.inf] * (n_evals(a) - len(run["curve"]))  # diverged: no later evals
             runs.setdefault(name, {})[lr] = run
             print(f"  {name:<12} lr {lr:<7g} held-out {run['curve'][0]:.4f} -> {run['curve'][-1]:.4f}  "
-                  f"{run['step_s']:.3f} s/step  wrote {run['written_per_step'] / 1e6:.1f} MB/step  "
+                  f"{run['step_s']:.3f} s/step  wrote {run['written_per_step'] / 1e6:.2f} MB/step  "
+                  f"peak RSS {run.get('peak_rss', 0) / 1e6:.0f} MB (+{run.get('rss_growth', 0) / 1e6:.0f} MB in the run)  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return runs
 
@@ -232,7 +264,7 @@ def goals(runs: dict, chosen: dict) -> dict:
     if "adamw" in chosen:
         ref = chosen["adamw"][1]
         drop = ref["curve"][0] - ref["curve"][-1]
-        for name in ("adalite", "adalomo", "sgd"):
+        for name in ("adalite", "adalomo", "sgd", "lora"):
             if name in chosen:
                 run = chosen[name][1]
                 out[f"{name}_drop_share"] = (run["curve"][0] - run["curve"][-1]) / drop if drop > 0 else None
@@ -275,6 +307,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--lrs", type=int, default=3, help="learning rates swept per optimizer (1-3)")
     ap.add_argument("--optimizers", nargs="+", default=list(LRS), choices=list(LRS))
+    ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "quality.png")
     a = ap.parse_args()
@@ -286,7 +319,7 @@ def main() -> None:
         print(f"fine-tuning on {len(data):,} tokens, {val[1].numel():,} held out; {a.steps} steps of {a.batch} x {a.seq}", flush=True)
         runs = sweep(src, data, val, a, root / "work")
         chosen = best(runs)
-        slow = {k: v for k, v in chosen.items() if k != "torch-adamw"}
+        slow = {k: v for k, v in chosen.items() if k not in ("torch-adamw", "lora")}  # full fine-tunes
         top = min(slow, key=lambda k: slow[k][1]["curve"][-1]) if slow else None
         extra = {}
         if top:

@@ -6,13 +6,16 @@ A format (``slowft.formats``) only maps its own names and files onto these.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import faults
+from .atomic import fsync_dir, replace_dir, restore_dir, temp_name
 from .errors import SlowftError
 from .model import ModelArgs
 from .progress import progress as progress_of
@@ -108,6 +111,25 @@ def check_export_dir(out_dir: Path) -> None:
     if other:
         raise SlowftError(f"{out_dir}: holds {other}, which an export does not write; expected no folder there "
                           "or an earlier export to replace (pass another --out)")
+
+
+@contextlib.contextmanager
+def export_folder(out_dir: Path):
+    """A temp folder beside ``out_dir`` to write an export into: made durable and put in
+    ``out_dir``'s place whole when the block ends, removed if it fails, so an export is complete
+    or absent (an earlier export there is replaced; a folder of the user's, refused)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    restore_dir(out_dir)  # after an export that was killed
+    check_export_dir(out_dir)
+    tmp = temp_name(out_dir)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- import into the store

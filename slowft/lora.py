@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -215,8 +214,8 @@ def _row_heads(target: str, args: ModelArgs) -> int | None:
 def write_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base: str) -> None:
     """adapter_model.safetensors + adapter_config.json as PEFT writes them for a
     LlamaForCausalLM: Hugging Face's module names, B's rows permuted for q and k."""
-    from .atomic import replace_dir, restore_dir, temp_name, write_bytes_atomic
-    from .checkpoint import check_export_dir
+    from .atomic import write_bytes_atomic
+    from .checkpoint import export_folder
     from .formats.hf import permute
 
     tensors = {}
@@ -229,20 +228,11 @@ def write_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base: str) ->
               "lora_alpha": adapters.alpha, "lora_dropout": adapters.dropout, "bias": "none", "fan_in_fan_out": False,
               "target_modules": sorted(_HF_MODULE[t].split(".")[-1] for t in adapters.targets), "inference_mode": True}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    restore_dir(out_dir)
-    check_export_dir(out_dir)
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
-    try:
+    with export_folder(out_dir) as tmp:
         from safetensors.torch import save_file
 
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         write_bytes_atomic(tmp / PEFT_CONFIG, json.dumps(config, indent=2).encode())
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_peft(folder: Path, args: ModelArgs) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
-from .tokenizers import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS
+from .bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS
 
 TEST_DATA = Path(__file__).resolve().parent.parent / "test_data"
 LLAMA2_SPECIALS = ("<unk>", "<s>", "</s>")

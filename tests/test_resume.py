@@ -107,6 +107,26 @@ def test_every_optimizer_resumes_bit_identically(src, tmp_path, optimizer):
     assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
 
 
+def test_lora_resumes_bit_identically_after_kills(src, tmp_path):
+    """LoRA with adapter dropout: killed inside a step and at the journal (its adapters' file
+    written, not yet named); the base is never written, the adapters come back bit for bit."""
+    train = ["--steps", 3, "--batch-size", 1, "--grad-accum", 2, "--seq-len", 16, "--lr", 1e-2, "--seed", 5,
+             "--device", "cpu", "--ram-budget", 0, "--lora-rank", 2, "--lora-dropout", 0.1, "--export-adapters"]
+    ref = tmp_path / "ref"
+    r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
+    assert r.returncode == 0, r.stderr
+    args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    for i, fault in enumerate(["backward_micro:5:kill", "journal:2:kill"]):
+        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
+        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    assert tree_hash(tmp_path / "out" / "adapters") == tree_hash(ref / "out" / "adapters")
+    units = sorted(p.name for p in (tmp_path / "w" / "units").iterdir())
+    assert units and all(".v000000." in u for u in units)  # the base: never a new version
+
+
 def test_sigkill_with_everything_resident_is_bit_identical(src, reference, tmp_path):
     crash_chain(src, tmp_path, ["backward_unit:9:kill", "export_unit:3:kill"], budget="1G")
     assert bits(tmp_path / "out" / "model") == reference

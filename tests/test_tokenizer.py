@@ -11,7 +11,7 @@ from slowft.errors import SlowftError
 from slowft.tiny import TEST_DATA, train_tokenizer
 from slowft.tiny_tokenizers import prose, write_hf_tokenizer, write_tiktoken_model
 from slowft.tokenizer import Tokenizer, load_tokenizer
-from slowft.tokenizers import LLAMA3_PATTERN, meta_pieces
+from slowft.bpe import LLAMA3_PATTERN, meta_pieces
 
 TEXT = "The keeper's lamp was lit at dusk.\n\n  Café ☕, 1234567 ferries; ÉTÉ!\tend "
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import fsync_dir, fsync_file, replace_dir, restore_dir, temp_name, write_bytes_atomic
-from ..checkpoint import DTYPE_NAMES, check_export_dir, dtype_name, expected_shapes, meta_key, unit_of
+from ..atomic import fsync_file, write_bytes_atomic
+from ..checkpoint import DTYPE_NAMES, dtype_name, export_folder, expected_shapes, meta_key, unit_of
 from ..errors import SlowftError
 from ..model import ModelArgs
 from ..store import empty_packed
@@ -293,12 +292,7 @@ def write(out_dir: Path, units, args: ModelArgs, extras: dict, kept: Path, sourc
     sizes = [(name, torch.Size(shapes[name]).numel() * dtype.itemsize) for _, name in order]
     plan = shard_plan(sizes, max_shard_size or MAX_SHARD_BYTES)
     names = ["model.safetensors"] if len(plan) == 1 else [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    restore_dir(out_dir)
-    check_export_dir(out_dir)
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
-    try:
+    with export_folder(out_dir) as tmp:
         shard_of = {name: k for k, shard in enumerate(plan) for name in shard}
         pending: dict[int, dict[str, torch.Tensor]] = {}
         for unit, tensors in units:
@@ -320,11 +314,6 @@ def write(out_dir: Path, units, args: ModelArgs, extras: dict, kept: Path, sourc
                      "weight_map": {name: names[k] for name, k in sorted(shard_of.items())}}
             write_bytes_atomic(tmp / INDEX, json.dumps(index, indent=2).encode())
         _write_side_files(tmp, args, kept, dtype)
-        fsync_dir(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _names(args: ModelArgs, unit: str) -> list[str]:

@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import struct
 import zipfile
 import zlib
@@ -27,8 +26,8 @@ from typing import Callable, Iterable
 import torch
 
 from .. import faults
-from ..atomic import fsync_dir, fsync_file, replace_dir, restore_dir, temp_name
-from ..checkpoint import check_export_dir, dtype_name, expected_shapes, meta_key, unit_of
+from ..atomic import fsync_file
+from ..checkpoint import dtype_name, export_folder, expected_shapes, meta_key, unit_of
 from ..errors import SlowftError
 from ..model import LLAMA3_ROPE_SCALING, ModelArgs
 from ..store import empty_packed
@@ -326,12 +325,7 @@ def write_meta_checkpoint(
     """
     out_dir = Path(out_dir).resolve()
     check_split(shapes, key_order, shards)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    restore_dir(out_dir)  # after an export that was killed
-    check_export_dir(out_dir)
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
-    try:
+    with export_folder(out_dir) as tmp:
         paths = [tmp / f"consolidated.{k:02d}.pth" for k in range(shards)]
         dtypes = {key: extras[key].dtype if key in extras else dtype for key in key_order}
         for path in paths:
@@ -379,11 +373,6 @@ def write_meta_checkpoint(
         for name in ("params.json", "tokenizer.model"):
             with open(tmp / name, "rb") as f:
                 fsync_file(f.fileno())
-        fsync_dir(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- export of any source

@@ -1,4 +1,5 @@
-"""The tokenizers of Llama 3 and of Hugging Face folders, behind slowft.tokenizer's interface.
+"""Byte-level BPE tokenizers, behind slowft.tokenizer's interface: Llama 3's (tiktoken) and
+Hugging Face folders' (tokenizer.json).
 
 Meta's Llama 3 ``tokenizer.model`` is a tiktoken BPE file (``base64-token rank`` a line); the
 split pattern and the 256 special tokens after the ranks are not in it but in Meta's code,
