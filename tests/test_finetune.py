@@ -47,15 +47,14 @@ def test_finetune_learns_and_exports(tiny, tmp_path, capsys, monkeypatch):
     with slowft.load(out / "model", workdir=tmp_path / "w2", device="cpu", progress=False) as model:
         assert model.args.n_layers == 4 and model.meta["source"]["shards"] == 2
 
-    g = run_script("test_gen.py", out / "model", "cpu", "--prompt", PROMPT, "--max-new-tokens", 24)
-    assert g.returncode == 0, g.stderr
-    assert g.stdout.startswith(PROMPT)
-    assert learned(g.stdout[len(PROMPT):]), g.stdout
+    capsys.readouterr()  # (test_gen.py's main in this process: no interpreter start for each of its runs)
+    assert test_gen.main([str(out / "model"), "cpu", "--prompt", PROMPT, "--max-new-tokens", "24", "--workdir", str(tmp_path / "w2")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(PROMPT) and learned(said[len(PROMPT):]), said
     chats = [json.loads(line)["messages"] for line in (TEST_DATA / "chat.jsonl").read_text().splitlines()]
     qa = dict((m[0]["content"], m[1]["content"]) for m in chats)
     assert len(qa) >= 4
-    capsys.readouterr()
-    for question, answer in qa.items():  # (test_gen.py's main in this process: no interpreter start for each)
+    for question, answer in qa.items():
         assert test_gen.main([str(out / "model"), "cpu", "--chat", "--prompt", question, "--workdir", str(tmp_path / "w2")]) == 0
         assert capsys.readouterr().out.strip().splitlines()[-1] == answer, question
     monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n\n"))  # without --prompt: turns from stdin, to an empty line
