@@ -36,11 +36,11 @@ def test_peak_rss_independent_of_depth(tiny, tmp_path):
     kw = dict(dim=512, heads=8, shards=1, multiple_of=256)
     block = (4 * 512 * 512 + 3 * 512 * 1536) * 4
     g4, peak4 = peak_rss_training(tiny(layers=4, **kw), tmp_path / "w4")
-    g16, peak16 = peak_rss_training(tiny(layers=16, **kw), tmp_path / "w16")
+    g12, peak12 = peak_rss_training(tiny(layers=12, **kw), tmp_path / "w12")
     print(f"peak RSS 4 layers {peak4 / 1e6:.0f} MB (step +{g4 / 1e6:.0f} MB), "
-          f"16 layers {peak16 / 1e6:.0f} MB (step +{g16 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
-    assert abs(peak16 - peak4) / peak4 < 0.10
-    assert g16 < g4 + 4 * block  # 12 more blocks on disk cost (next to) nothing in RAM; holding them, 12
+          f"12 layers {peak12 / 1e6:.0f} MB (step +{g12 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
+    assert abs(peak12 - peak4) / peak4 < 0.10
+    assert g12 < g4 + 4 * block  # 8 more blocks on disk cost (next to) nothing in RAM; holding them, 8
 
 
 class AllocatedPeak(TorchDispatchMode):
