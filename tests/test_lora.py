@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from safetensors.torch import load_file
 
@@ -165,3 +166,45 @@ def test_finetune_lora_flags_and_test_gen_adapters(gqa_model, tmp_path, capsys):
     with_adapters = capsys.readouterr().out
     assert test_gen.main([str(tmp_path / "out" / "model"), "cpu", "--max-new-tokens", "4", "--workdir", str(tmp_path / "gen2")]) == 0
     assert capsys.readouterr().out == with_adapters  # base + adapters continues as the merged export does
+
+
+def test_lora_dropout_gradients_equal_autograd_with_the_same_masks(gqa_model, tmp_path, batch):
+    """Dropout on the adapters' input, two micro-batches: the adapters' gradients against autograd
+    through the model in RAM, the LoRA paths added by forward hooks with the masks slowft draws
+    (keyed by seed, step, layer, matrix, micro-batch; the recompute must draw the forward's). An
+    AdamW with betas 0 moves each number by exactly lr * g / (|g| + eps): the step's move gives
+    the gradient back (a large eps keeps the move small, so the weights stay where they were)."""
+    from slowft.model import SeededDropout
+
+    tokens, targets = batch
+    lr, eps, p = 1.0, 100.0, 0.3
+    with slowft.load(gqa_model, workdir=tmp_path / "w", device="cpu", ram_budget=0, progress=False) as model:
+        adapters = model.enable_lora(2, targets=("wv", "w1"), dropout=p, seed=4)
+        with torch.no_grad():  # B non-zero, so that A has a gradient too
+            for b in adapters.B.values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(b.numel()))
+        start = {k: (adapters.A[k].detach().clone(), adapters.B[k].detach().clone()) for k in adapters.A}
+        model.step(tokens, targets, slowft.AdamW(lr=lr, betas=(0.0, 0.0), eps=eps, weight_decay=0.0), micro_batch_size=2, seed=4)
+        moved = {k: tuple((s - now.detach()).double() for s, now in zip(start[k], (adapters.A[k], adapters.B[k])))
+                 for k in adapters.A}
+    grads = {k: tuple(m * eps / (lr - m.abs()) for m in pair) for k, pair in moved.items()}  # |m| = lr |g| / (|g| + eps)
+    ref = Transformer(model.args)
+    ref.load_state_dict({k: v for k, v in load_meta(gqa_model).items() if k != "rope.freqs"})
+    ref.requires_grad_(False)
+    params = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in start.items()}
+    drop, micro = SeededDropout(p, 4, 0), [0]  # (scale: alpha / rank, alpha 2 x rank by default)
+    for i, block in enumerate(ref.layers):
+        for t, linear, name in (("wv", block.attention.wv, "attention.wv.weight"), ("w1", block.feed_forward.w1, "feed_forward.w1.weight")):
+            A, B = params[i, t]
+            linear.register_forward_hook(lambda m, inp, out, A=A, B=B, i=i, name=name:
+                                         out + 2.0 * F.linear(F.linear(drop.apply(inp[0], i, f"lora.{name}", micro[0]), A), B))
+    n = (targets >= 0).sum()
+    for j in range(2):
+        micro[0] = j
+        rows = slice(2 * j, 2 * j + 2)
+        t = targets[rows].reshape(-1)
+        logits = ref(tokens[rows])
+        (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.clamp(min=0), reduction="none")[t >= 0].sum() / n).backward()
+    for key, (a, b) in params.items():
+        for got, want in zip(grads[key], (a.grad.double(), b.grad.double())):  # (fp32 weights: the move's last bits)
+            assert (got - want).norm() <= 5e-4 * want.norm() and want.norm() > 0, key
