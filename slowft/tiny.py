@@ -74,16 +74,21 @@ def make_tiny(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_head
         n_words = train_tokenizer(corpus or [TEST_DATA], vocab, tok_path)
         if params_vocab and params_vocab < n_words:
             raise SlowftError(f"--vocab {params_vocab}: below the tokenizer's {n_words} tokens")
-        args = ModelArgs.from_params(params, vocab_size=n_words)
-        torch.manual_seed(seed)
-        model = Transformer(args)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+        model = random_model(ModelArgs.from_params(params, vocab_size=n_words), seed)
         write_model(out, params, model, tok_path, shards, dtype)
     finally:
         tok_path.unlink(missing_ok=True)
     return out
+
+
+def random_model(args: ModelArgs, seed: int) -> Transformer:
+    """Norms at 1, matrices N(0, 0.02), drawn from ``seed``."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+    return model
 
 
 def units_of(model: Transformer) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,12 +134,7 @@ def make_tiny_hf(out: Path, dim: int = 64, layers: int = 2, heads: int = 4, kv_h
         args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads or heads, ffn_hidden=hidden,
                          vocab_size=load_tokenizer(kept).n_words, rope_theta=rope_theta, rope_scaling=rope_scaling,
                          tie_embeddings=tied, max_seq_len=2048)
-        torch.manual_seed(seed)
-        model = Transformer(args)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
-        units = units_of(model)
+        units = units_of(random_model(args, seed))
         order = forward_order(layers)
         hf.write(out, ((u, units[u]) for u in order), args, {}, kept, {"format": "hf", "unit_order": order},
                  DTYPE_NAMES[dtype], max_shard_size=max_shard_size)

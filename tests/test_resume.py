@@ -5,6 +5,7 @@ through a named point (slowft.faults), so every phase is hit deterministically: 
 forward, the backward between unit updates, a unit's file write, the journal, the export.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,22 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(src, reference, tmp_path)
     assert not leftovers and not list((tmp_path / "w" / "scratch").iterdir())
 
 
+def killed_then_resumed(src, tmp_path, train: list, faults: list[str]) -> Path:
+    """``train`` run once uninterrupted (into ``tmp_path/ref``), and once killed at each fault in
+    turn, then to its end (into ``tmp_path``): the two exports are bit-identical. Returns ref."""
+    ref = tmp_path / "ref"
+    r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
+    assert r.returncode == 0, r.stderr
+    args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
+    for i, fault in enumerate(faults):
+        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
+        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    return ref
+
+
 ACCUM = ["--steps", 4, "--batch-size", 1, "--grad-accum", 3, "--seq-len", 16, "--optimizer", "adalite", "--lr", 1e-3,
          "--dropout", 0.1, "--seed", 5, "--device", "cpu", "--lisa", 2, "--save-every", 3]
 
@@ -72,16 +89,8 @@ ACCUM = ["--steps", 4, "--batch-size", 1, "--grad-accum", 3, "--seq-len", 16, "-
 def test_sigkill_inside_accumulated_steps_is_bit_identical(src, tmp_path):
     """Three micro-batches a step, two LISA blocks, dropout, bf16 storage with stochastic rounding:
     killed between micro-batches, while spilling activations and gradients, between commits."""
-    ref = tmp_path / "ref"
-    r = run_script("finetune.py", src, *ACCUM, "--ram-budget", 0, "--out", ref / "out", "--workdir", ref / "w")
-    assert r.returncode == 0, r.stderr
-    args = [src, *ACCUM, "--ram-budget", 0, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
-    for i, fault in enumerate(["backward_micro:4:kill", "scratch_write_data:9:kill", "journal:3:kill"]):
-        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
-        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
-    r = run_script("finetune.py", *args)
-    assert r.returncode == 0, r.stderr
-    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    killed_then_resumed(src, tmp_path, [*ACCUM, "--ram-budget", 0],
+                        ["backward_micro:4:kill", "scratch_write_data:9:kill", "journal:3:kill"])
     assert not list((tmp_path / "w" / "scratch").iterdir())
 
 
@@ -91,16 +100,7 @@ def test_every_optimizer_resumes_bit_identically(src, tmp_path, optimizer):
     """Two micro-batches a step, blocks 1-2 only, killed between micro-batches inside a step."""
     train = ["--steps", 3, "--batch-size", 1, "--grad-accum", 2, "--seq-len", 16, "--lr", 1e-3, "--seed", 5,
              "--device", "cpu", "--train-layers", "1-2", "--ram-budget", 0, *optimizer]
-    ref = tmp_path / "ref"
-    r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
-    assert r.returncode == 0, r.stderr
-    args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
-    for i, fault in enumerate(["backward_micro:3:kill"]):
-        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
-        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
-    r = run_script("finetune.py", *args)
-    assert r.returncode == 0, r.stderr
-    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    killed_then_resumed(src, tmp_path, train, ["backward_micro:3:kill"])
 
 
 def test_lora_resumes_bit_identically_after_a_kill(src, tmp_path):
@@ -109,16 +109,7 @@ def test_lora_resumes_bit_identically_after_a_kill(src, tmp_path):
     step, a LoRA step is re-run whole: as any step before its first commit, above.)"""
     train = ["--steps", 3, "--batch-size", 1, "--grad-accum", 2, "--seq-len", 16, "--lr", 1e-2, "--seed", 5,
              "--device", "cpu", "--ram-budget", 0, "--lora-rank", 2, "--lora-dropout", 0.1, "--export-adapters"]
-    ref = tmp_path / "ref"
-    r = run_script("finetune.py", src, *train, "--out", ref / "out", "--workdir", ref / "w")
-    assert r.returncode == 0, r.stderr
-    args = [src, *train, "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
-    for i, fault in enumerate(["journal:2:kill"]):
-        r = run_script("finetune.py", *args, *(["--resume"] if i else []), env={"SLOWFT_FAULT": fault})
-        assert r.returncode == -9, f"{fault} was not reached: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
-    r = run_script("finetune.py", *args)
-    assert r.returncode == 0, r.stderr
-    assert bits(tmp_path / "out" / "model") == bits(ref / "out" / "model")
+    ref = killed_then_resumed(src, tmp_path, train, ["journal:2:kill"])
     assert tree_hash(tmp_path / "out" / "adapters") == tree_hash(ref / "out" / "adapters")
     units = sorted(p.name for p in (tmp_path / "w" / "units").iterdir())
     assert units and all(".v000000." in u for u in units)  # the base: never a new version
