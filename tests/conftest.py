@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers and peft read the tests' own folders: never the network
 
 
 @pytest.fixture(autouse=True, scope="session")
