@@ -92,7 +92,8 @@ def n_params(args: ModelArgs) -> int:
 
 _EXPORT_FILE = re.compile(r"^(params\.json|tokenizer\.model|consolidated\.\d+\.pth|config\.json|generation_config\.json|"
                           r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
-                          r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|\.DS_Store)$")
+                          r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                          r"adapter_model\.safetensors|adapter_config\.json|\.DS_Store)$")
 
 
 def foreign_file(folder: Path) -> str | None:

@@ -118,6 +118,7 @@ def test_merged_and_peft_exports(tmp_path, batch):
         ours = model.logits(tokens)
         model.save(tmp_path / "merged", progress=False)
         model.save_adapters(tmp_path / "adapters")
+        model.save_adapters(tmp_path / "adapters")  # an earlier export of adapters is replaced, like a model's
     base, merged = load_file(src / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
     changed = {"q_proj", "k_proj", "down_proj"}
     for name, w in base.items():
