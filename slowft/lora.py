@@ -17,9 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_bytes_atomic
+from .checkpoint import export_folder, unit_shapes
 from .errors import SlowftError
+from .formats.hf import heads_of, hf_key, permute, unpermute
 from .model import ModelArgs
-from .units import weights_of
+from .units import layer, weights_of
 
 TARGETS = {"wq": "attention.wq.weight", "wk": "attention.wk.weight", "wv": "attention.wv.weight",
            "wo": "attention.wo.weight", "w1": "feed_forward.w1.weight", "w2": "feed_forward.w2.weight",
@@ -28,9 +33,9 @@ DEFAULT_TARGETS = tuple(TARGETS)
 
 
 def matrix_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    d, hd = args.dim, args.head_dim
-    return {"wq": (args.n_heads * hd, d), "wk": (args.kv_heads * hd, d), "wv": (args.kv_heads * hd, d),
-            "wo": (d, args.n_heads * hd), "w1": (args.hidden_dim, d), "w2": (d, args.hidden_dim), "w3": (args.hidden_dim, d)}
+    """target -> the shape of its matrix in every block."""
+    block = unit_shapes(args)[layer(0)]
+    return {t: block[name] for t, name in TARGETS.items()}
 
 
 def check_lora(args: ModelArgs, rank: int, targets) -> tuple[str, ...]:
@@ -63,7 +68,6 @@ class Adapters:
             raise ValueError(f"LoRA dropout {dropout}: expected a value in [0, 1)")
         self.rank, self.alpha, self.dropout, self.seed = rank, float(alpha if alpha is not None else 2 * rank), dropout, seed
         self.scale = self.alpha / rank
-        self.n_layers = args.n_layers
         shapes = matrix_shapes(args)
         self.A: dict[tuple[int, str], torch.Tensor] = {}
         self.B: dict[tuple[int, str], torch.Tensor] = {}
@@ -201,46 +205,39 @@ class LoraBlock:
 
 # ----------------------------------------------------------------------------- PEFT's layout
 
-_HF_MODULE = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-              "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
-def _row_heads(target: str, args: ModelArgs) -> int | None:
-    """q's and k's rows are permuted in Hugging Face's layout (slowft.formats.hf), so are B's."""
-    return args.n_heads if target == "wq" else args.kv_heads if target == "wk" else None
+def _peft_prefix(i: int, target: str) -> str:
+    """PEFT's name of block i's adapters of ``target``: Hugging Face's module, in PEFT's wrapping."""
+    return "base_model.model." + hf_key(f"{layer(i)}.{TARGETS[target]}").removesuffix(".weight")
+
+
+def _module(target: str) -> str:
+    """Hugging Face's module name of a target (q_proj, gate_proj, ...), as PEFT's target_modules say."""
+    return hf_key(f"{layer(0)}.{TARGETS[target]}").split(".")[-2]
 
 
 def write_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base: str) -> None:
     """adapter_model.safetensors + adapter_config.json as PEFT writes them for a
-    LlamaForCausalLM: Hugging Face's module names, B's rows permuted for q and k."""
-    from .atomic import write_bytes_atomic
-    from .checkpoint import export_folder
-    from .formats.hf import permute
-
+    LlamaForCausalLM: Hugging Face's module names, B's rows permuted for q and k (as the
+    matrices' rows are in that layout, slowft.formats.hf)."""
     tensors = {}
     for (i, t), a in adapters.A.items():
-        b, heads = adapters.B[i, t].detach().float().cpu(), _row_heads(t, args)
-        prefix = f"base_model.model.model.layers.{i}.{_HF_MODULE[t]}"
+        b, heads = adapters.B[i, t].detach().float().cpu(), heads_of(TARGETS[t], args)
+        prefix = _peft_prefix(i, t)
         tensors[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = (permute(b, heads) if heads else b).contiguous()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": adapters.rank,
               "lora_alpha": adapters.alpha, "lora_dropout": adapters.dropout, "bias": "none", "fan_in_fan_out": False,
-              "target_modules": sorted(_HF_MODULE[t].split(".")[-1] for t in adapters.targets), "inference_mode": True}
-    out_dir = Path(out_dir)
-    with export_folder(out_dir) as tmp:
-        from safetensors.torch import save_file
-
+              "target_modules": sorted(_module(t) for t in adapters.targets), "inference_mode": True}
+    with export_folder(Path(out_dir)) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         write_bytes_atomic(tmp / PEFT_CONFIG, json.dumps(config, indent=2).encode())
 
 
 def read_peft(folder: Path, args: ModelArgs) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
     """(settings for Adapters, {(layer, target): (A, B)}) of a PEFT folder for this model."""
-    from safetensors.torch import load_file
-
-    from .formats.hf import unpermute
-
     folder = Path(folder)
     try:
         config = json.loads((folder / PEFT_CONFIG).read_bytes())
@@ -248,21 +245,21 @@ def read_peft(folder: Path, args: ModelArgs) -> tuple[dict, dict[tuple[int, str]
     except (OSError, ValueError) as e:
         raise SlowftError(f"{folder}: not a PEFT LoRA folder ({str(e).splitlines()[0][:80]}); expected "
                           f"{PEFT_CONFIG} and {PEFT_WEIGHTS}") from None
-    by_module = {v.split(".")[-1]: k for k, v in _HF_MODULE.items()}
+    by_module = {_module(t): t for t in TARGETS}
     modules = config.get("target_modules") or []
     if config.get("peft_type") != "LORA" or any(m not in by_module for m in modules):
         raise SlowftError(f"{folder / PEFT_CONFIG}: expected a LoRA adapter of llama's projections ({', '.join(by_module)})")
-    targets = tuple(t for t in TARGETS if _HF_MODULE[t].split(".")[-1] in modules)
+    targets = tuple(t for t in TARGETS if _module(t) in modules)
     pairs = {}
     for i in range(args.n_layers):
         for t in targets:
-            prefix = f"base_model.model.model.layers.{i}.{_HF_MODULE[t]}"
+            prefix = _peft_prefix(i, t)
             try:
                 a, b = weights[f"{prefix}.lora_A.weight"], weights[f"{prefix}.lora_B.weight"]
             except KeyError as e:
                 raise SlowftError(f"{folder / PEFT_WEIGHTS}: no {e.args[0]}; expected adapters for this model's "
                                   f"{args.n_layers} layers") from None
-            heads = _row_heads(t, args)
+            heads = heads_of(TARGETS[t], args)
             pairs[i, t] = a.float(), (unpermute(b.float(), heads) if heads else b.float())
     settings = {"rank": int(config["r"]), "alpha": float(config.get("lora_alpha", config["r"])), "targets": targets}
     return settings, pairs

@@ -306,6 +306,12 @@ def packed_positions(segments: torch.Tensor) -> torch.Tensor:
     return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
+def packed_rope(rope: tuple[torch.Tensor, torch.Tensor], segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary angles [B, T, D/2] of rows packed with examples: by position within each example."""
+    pos = packed_positions(segments)
+    return rope[0][pos], rope[1][pos]
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions whose target is >= 0 (-1 here, -100 in torch and
     Hugging Face: both are left out)."""

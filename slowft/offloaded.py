@@ -23,7 +23,7 @@ from .formats import open_source, writer
 from .activations import Activations
 from .lora import DEFAULT_TARGETS, TARGETS, Adapters, write_peft
 from .optim import AdamW
-from .model import Head, KVCache, ModelArgs, TransformerBlock, packed_mask, packed_positions, precompute_rope
+from .model import Head, KVCache, ModelArgs, TransformerBlock, packed_mask, packed_rope, precompute_rope
 from .plan import Layout, split_budget
 from .progress import progress as progress_of
 from .rounding import generator_for, stochastic
@@ -267,12 +267,9 @@ class OffloadedModel:
                                                            "mask": mask})
 
     def adapted_block_fn(self, i: int):
-        """block_fn for block i, with its LoRA paths where adapters are on."""
-        if self.lora is None:
-            return self.block_fn
-
+        """block_fn for block i, with its LoRA paths where adapters are on (adapted)."""
         def fn(w, *args, **kwargs):
-            with self.lora.applied(i, w):
+            with self.adapted(i, w):
                 return self.block_fn(w, *args, **kwargs)
 
         return fn
@@ -305,8 +302,7 @@ class OffloadedModel:
         rope, mask = self.rope(tokens.shape[1], start_pos), None
         if segments is not None:
             segments = segments.to(self.device)
-            pos, mask = packed_positions(segments), packed_mask(segments)
-            rope = rope[0][pos], rope[1][pos]
+            rope, mask = packed_rope(rope, segments), packed_mask(segments)
         h = self.embed(tokens)
         for i in range(self.args.n_layers):
             h = self.run_unit(units.layer(i), self.adapted_block_fn(i), h, rope, start_pos, kv[i] if kv else None, mask=mask)

@@ -31,7 +31,7 @@ from .errors import Interrupted, NonFiniteError, SlowftError
 from .fused import BlockUpdate, EmbeddingUpdate, HeadUpdate
 from .heap import release_free_heap
 from .lora import LoraBlock
-from .model import SeededDropout, packed_mask, packed_positions
+from .model import SeededDropout, packed_mask, packed_rope
 from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index
 from .plan import StepPlan, activation_plan, commit_every, plan_step
 
@@ -116,8 +116,7 @@ class _Step:
         if self.segments is None:
             return self.rope
         if j not in self.ropes:
-            pos = packed_positions(self.piece(self.segments, j))
-            self.ropes[j] = self.rope[0][pos], self.rope[1][pos]
+            self.ropes[j] = packed_rope(self.rope, self.piece(self.segments, j))
         return self.ropes[j]
 
     def mask_of(self, j: int):

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import fsync_file, write_bytes_atomic
-from ..checkpoint import DTYPE_NAMES, dtype_name, export_folder, expected_shapes, meta_key, unit_of
+from ..checkpoint import DTYPE_NAMES, dtype_name, export_folder, expected_shapes, meta_key, unit_shapes
 from ..errors import SlowftError
 from ..model import ModelArgs
 from ..store import empty_packed
@@ -219,19 +219,17 @@ class HFSource:
 
     def read_units(self, storage_dtype: torch.dtype, skip=frozenset()):
         """Yields (unit, tensors): each tensor read from its file, unpermuted, cast into one buffer."""
-        keys_of: dict[str, list[str]] = {}
-        shapes = expected_shapes(self.args, with_extras=False)
-        for key in shapes:
-            keys_of.setdefault(unit_of(key)[0], []).append(key)
+        shapes = unit_shapes(self.args)
         for unit in self.units_in_file_order():
             if unit in skip:
                 continue
-            packed = empty_packed({unit_of(k)[1]: shapes[k] for k in keys_of[unit]}, storage_dtype)
-            for key in keys_of[unit]:
+            packed = empty_packed(shapes[unit], storage_dtype)
+            for name in shapes[unit]:
+                key = meta_key(unit, name)
                 with _opened(self.files[hf_key(key)]) as f:
                     t = f.get_tensor(hf_key(key))
                 heads = heads_of(key, self.args)
-                packed[unit_of(key)[1]].copy_(unpermute(t, heads) if heads else t)
+                packed[name].copy_(unpermute(t, heads) if heads else t)
                 del t
             yield unit, packed
             del packed
@@ -287,9 +285,9 @@ def write(out_dir: Path, units, args: ModelArgs, extras: dict, kept: Path, sourc
     shards of at most ``max_shard_size`` bytes, written one by one as their tensors arrive (so
     only one shard is in RAM), with the index, config.json, generation_config.json and the tokenizer."""
     out_dir, kept = Path(out_dir).resolve(), Path(kept)
-    order = [(u, hf_key(meta_key(u, n))) for u in source["unit_order"] for n in _names(args, u)]
-    shapes = {hf_key(k): s for k, s in expected_shapes(args, with_extras=False).items()}
-    sizes = [(name, torch.Size(shapes[name]).numel() * dtype.itemsize) for _, name in order]
+    shapes = unit_shapes(args)
+    sizes = [(hf_key(meta_key(u, n)), torch.Size(shape).numel() * dtype.itemsize)  # in the order units arrive
+             for u in source["unit_order"] for n, shape in shapes[u].items()]
     plan = shard_plan(sizes, max_shard_size or MAX_SHARD_BYTES)
     names = ["model.safetensors"] if len(plan) == 1 else [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
     with export_folder(out_dir) as tmp:
@@ -314,10 +312,6 @@ def write(out_dir: Path, units, args: ModelArgs, extras: dict, kept: Path, sourc
                      "weight_map": {name: names[k] for name, k in sorted(shard_of.items())}}
             write_bytes_atomic(tmp / INDEX, json.dumps(index, indent=2).encode())
         _write_side_files(tmp, args, kept, dtype)
-
-
-def _names(args: ModelArgs, unit: str) -> list[str]:
-    return [unit_of(k)[1] for k in expected_shapes(args, with_extras=False) if unit_of(k)[0] == unit]
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], order: list[str]) -> None:
