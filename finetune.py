@@ -28,17 +28,16 @@ from pathlib import Path
 
 import torch
 
+from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
 from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
+from slowft.formats import FORMATS, open_source, writer
+from slowft.formats import meta as meta_format
 from slowft.generate import generate
-from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
-from slowft.formats import FORMATS, open_source
 from slowft.lora import TARGETS as LORA_TARGETS
 from slowft.lora import check_lora
 from slowft.lora import journal_bytes as lora_journal_bytes
-from slowft.formats import meta as meta_format
-from slowft.formats.meta import check_split
 from slowft.model import mean_loss
 from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
                               pick_device, workdir_path)
@@ -48,7 +47,7 @@ from slowft.plot import write_loss_plot
 from slowft.progress import RunBar, StepProgress
 from slowft.train import SYNC_EVERY_S
 from slowft.tiny import TEST_DATA, make_tiny
-from slowft.tokenizer import Tokenizer, load_tokenizer
+from slowft.tokenizer import BaseTokenizer
 
 # Settings that change the numbers: an unfinished run resumes only with the same values.
 RUN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "schedule", "optimizer",
@@ -329,7 +328,7 @@ class Inputs:
 
     device: torch.device
     src: object  # a source of slowft.formats
-    tok: Tokenizer
+    tok: BaseTokenizer
     data: TokenData
     val: TokenData | None
     out: Path
@@ -371,8 +370,7 @@ def check_inputs(a) -> Inputs:
     device = pick_device(a.device)
     src = open_source(a.model)
     export_format = a.export_format or src.format
-    if export_format not in FORMATS:
-        raise SlowftError(f"--export-format {export_format}: expected one of {', '.join(FORMATS)}")
+    writer(export_format, "--export-format")  # (refuses a format slowft has no writer for)
     if a.seq_len > src.args.max_seq_len:
         raise SlowftError(f"--seq-len {a.seq_len}: above the model's limit of {src.args.max_seq_len}")
     check_layers(a, src.args.n_layers)
@@ -391,8 +389,8 @@ def check_inputs(a) -> Inputs:
         raise SlowftError(f"--max-shard-size: Hugging Face's format's; expected --export-shards for {export_format}")
     if a.export_shards:  # here, not after a night of training
         keys = src.key_order if src.format == "meta" else meta_format.key_order(src.args)
-        check_split(expected_shapes(src.args), keys, a.export_shards, "--export-shards")
-    tok = load_tokenizer(src.tokenizer_dir)
+        meta_format.check_split(expected_shapes(src.args), keys, a.export_shards, "--export-shards")
+    tok = src.tok
     data, val = held_out(a, tok)
     out = (a.out or Path("out") / src.path.name).expanduser().resolve()
     if out == src.path or src.path in out.parents:
@@ -410,7 +408,7 @@ def check_inputs(a) -> Inputs:
     return Inputs(device, src, tok, data, val, out, export_bytes)
 
 
-def held_out(a, tok: Tokenizer) -> tuple[TokenData, TokenData | None]:
+def held_out(a, tok: BaseTokenizer) -> tuple[TokenData, TokenData | None]:
     """(training data, held-out data or None): --val-data, or --val-fraction of --data's documents."""
     data = TokenData.from_files(a.data, tok, train_on_prompt=a.train_on_prompt)
     val = None
@@ -627,7 +625,7 @@ def stop_on_signals(model: OffloadedModel) -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
-def train(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, val: TokenData | None, out: Path, resumed: bool,
+def train(model: OffloadedModel, a, tok: BaseTokenizer, data: TokenData, val: TokenData | None, out: Path, resumed: bool,
           writes: WritePlan) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
     optimizer = make_run_optimizer(a)
@@ -664,7 +662,7 @@ def check_collapse(loss: float, lowest: float, vocab: int, step: int) -> None:
                        f"(its loss had been {lowest:.4f})")
 
 
-def run_steps(model: OffloadedModel, a, tok: Tokenizer, data: TokenData, out: Path, optimizer, schedule, meter: RunMeter,
+def run_steps(model: OffloadedModel, a, tok: BaseTokenizer, data: TokenData, out: Path, optimizer, schedule, meter: RunMeter,
               heldout: "HeldOut | None") -> None:
     """The steps still to run, each logged; on a terminal one bar for the run."""
     if a.prompt and model.step_count == 0:
@@ -701,7 +699,7 @@ def batch_of(data: TokenData, a, step: int):
     return (*data.batch(step, rows, a.seq_len, a.seed), None)
 
 
-def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int, heldout: "HeldOut | None") -> None:
+def between_steps(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, done: int, heldout: "HeldOut | None") -> None:
     """After step ``done``: the held-out loss and the prompt's continuation, a checkpoint, or a
     requested stop."""
     if a.eval_every and done % a.eval_every == 0 and done < a.steps:
@@ -716,7 +714,7 @@ def between_steps(model: OffloadedModel, a, tok: Tokenizer, out: Path, done: int
         raise Interrupted(f"stopped after step {done}")
 
 
-def finish(model: OffloadedModel, a, tok: Tokenizer, out: Path, heldout: "HeldOut | None") -> Path:
+def finish(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, heldout: "HeldOut | None") -> Path:
     """The weights made durable, the last evaluation and continuation, the export, and the run
     marked finished."""
     model.sync()

@@ -22,7 +22,7 @@ import torch
 from .chat import common_prefix, dialog
 from .errors import SlowftError
 from .progress import progress
-from .tokenizer import Tokenizer
+from .tokenizer import BaseTokenizer
 
 
 def read_text(path: Path, flag: str = "--data") -> str:
@@ -55,7 +55,7 @@ def text_files(paths: list[Path], flag: str = "--data") -> list[Path]:
     return files
 
 
-def read_examples(path: Path, tok: Tokenizer, train_on_prompt: bool = False, flag: str = "--data"):
+def read_examples(path: Path, tok: BaseTokenizer, train_on_prompt: bool = False, flag: str = "--data"):
     """(tokens, counted) of each example of a JSONL file; a bad line is named with its number."""
     out = []
     for n, line in enumerate(read_text(path, flag).splitlines(), 1):
@@ -76,7 +76,7 @@ def read_examples(path: Path, tok: Tokenizer, train_on_prompt: bool = False, fla
     return out
 
 
-def _example(ex, tok: Tokenizer) -> tuple[list[int], list[bool]]:
+def _example(ex, tok: BaseTokenizer) -> tuple[list[int], list[bool]]:
     keys = set(ex) if isinstance(ex, dict) else set()
     if keys == {"text"} and isinstance(ex["text"], str):
         tokens = tok.encode(ex["text"], bos=True, eos=True)
@@ -99,7 +99,7 @@ class TokenData:
         self.counted = counted  # bool per token: whether it counts as a target (None: every one)
 
     @classmethod
-    def from_files(cls, paths: list[Path], tokenizer: Tokenizer, flag: str = "--data", train_on_prompt: bool = False) -> "TokenData":
+    def from_files(cls, paths: list[Path], tokenizer: BaseTokenizer, flag: str = "--data", train_on_prompt: bool = False) -> "TokenData":
         """A text file is one document: BOS, its tokens, EOS; a JSONL file one such document per
         example. Held as int32 (4 bytes a token)."""
         files = text_files(paths, flag)

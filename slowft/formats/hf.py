@@ -127,7 +127,7 @@ class HFSource:
     def __init__(self, path: Path, config: dict, config_bytes: bytes, args: ModelArgs, files: dict[str, Path]):
         self.path, self.config, self.config_bytes, self.args = path, config, config_bytes, args
         self.files = files  # Hugging Face name of each tensor -> its safetensors file
-        self.tokenizer_dir = path
+        self.tok = load_tokenizer(path)  # (loaded once: the vocab is checked with it, and training takes it)
         self.dtype = torch.bfloat16
 
     @classmethod
@@ -143,10 +143,9 @@ class HFSource:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SlowftError(f"{config_path}: malformed ({e}); expected a llama config.json") from None
         src = cls(folder, config, config_path.read_bytes(), args, cls._weight_files(folder))
-        tok = load_tokenizer(folder)
-        if tok.n_words > args.vocab_size:
-            raise SlowftError(f"{tok.files[0]}: has {tok.n_words} tokens but config.json's vocab_size is {args.vocab_size}; "
-                              "expected this model's tokenizer")
+        if src.tok.n_words > args.vocab_size:
+            raise SlowftError(f"{src.tok.files[0]}: has {src.tok.n_words} tokens but config.json's vocab_size is "
+                              f"{args.vocab_size}; expected this model's tokenizer")
         src._check_tensors()
         return src
 

@@ -103,6 +103,7 @@ class MetaSource:
     args: ModelArgs
     shards: list[Path]
     tokenizer: Path
+    tok: object  # the tokenizer, loaded (once: the vocab is checked with it, and training takes it)
     dtype: torch.dtype
     key_order: list[str]
 
@@ -133,7 +134,7 @@ class MetaSource:
         if not tokenizer.exists():
             raise SlowftError(f"{folder / 'tokenizer.model'}: missing; expected the tokenizer.model of this model")
 
-        n_words = load_tokenizer(tokenizer.parent).n_words
+        tok = load_tokenizer(tokenizer.parent)
         numbered = sorted((int(m[1]), p) for p in folder.iterdir() if (m := _SHARD.match(p.name)))
         if not numbered:
             raise SlowftError(f"{folder}: no consolidated.00.pth; expected Meta's checkpoint shards consolidated.NN.pth")
@@ -141,10 +142,10 @@ class MetaSource:
             if got != want:
                 raise SlowftError(f"{folder / f'consolidated.{want:02d}.pth'}: missing; found {len(numbered)} shards numbered up to {numbered[-1][0]:02d}")
         shards = [p for _, p in numbered]
-        src = cls(folder, params, raw, args, shards, tokenizer, torch.bfloat16, [])
+        src = cls(folder, params, raw, args, shards, tokenizer, tok, torch.bfloat16, [])
         src._check_shards()
-        if n_words > src.args.vocab_size:
-            raise SlowftError(f"{tokenizer}: has {n_words} tokens but the model's embedding has {src.args.vocab_size}; expected this model's tokenizer")
+        if tok.n_words > src.args.vocab_size:
+            raise SlowftError(f"{tokenizer}: has {tok.n_words} tokens but the model's embedding has {src.args.vocab_size}; expected this model's tokenizer")
         return src
 
     def _check_shards(self) -> None:
@@ -182,10 +183,6 @@ class MetaSource:
                         f"for params.json with {n} shard(s)"
                     )
             del sd
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.tokenizer.parent
 
     def fingerprint(self) -> str:
         """Identifies this exact checkpoint (path, params, shard sizes and times) for the work-dir cache."""
