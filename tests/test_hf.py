@@ -137,6 +137,8 @@ def test_bad_hugging_face_folders(broken, tmp_path, capsys):
         return err[0]
 
     assert "--export-format gguf: expected one of meta, hf" in fails("--export-format", "gguf")
+    assert "--export-shards 2: Meta's format's; expected --max-shard-size for hf" in fails("--export-shards", "2")
+    assert "--max-shard-size: Hugging Face's format's" in fails("--export-format", "meta", "--max-shard-size", "1GB")
     config = json.loads((broken / "config.json").read_text())
     for arch in ("MistralForCausalLM", "Qwen2ForCausalLM"):
         (broken / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))

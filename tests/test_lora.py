@@ -156,6 +156,9 @@ def test_finetune_lora_flags_and_test_gen_adapters(gqa_model, tmp_path, capsys):
     assert "--lora-targets wz: unknown" in fails(finetune.main, *common, "--lora-rank", "2", "--lora-targets", "wq,wz")
     assert "--export-adapters: a LoRA setting; expected it with --lora-rank" in fails(finetune.main, *common, "--export-adapters")
     assert "--optimizer sgd: LoRA's adapters train with AdamW" in fails(finetune.main, *common, "--lora-rank", "2", "--optimizer", "sgd")
+    assert "--train-layers: chooses what a full fine-tune trains" in fails(finetune.main, *common, "--lora-rank", "2",
+                                                                           "--train-layers", "1-2")
+    assert "--freeze-head: chooses what a full fine-tune trains" in fails(finetune.main, *common, "--lora-rank", "2", "--freeze-head")
     assert finetune.main([str(a) for a in common + ["--lora-rank", "2", "--export-adapters", "--lr", "1e-2",
                                                     "--export-dtype", "float32"]]) == 0
     out = capsys.readouterr().out
