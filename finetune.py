@@ -5,16 +5,20 @@ low-rank adapters of it, the base only read).
     python finetune.py path/to/llama-2-13b --data notes.txt     # your model, your text
     python finetune.py --demo                                   # a tiny model made on the fly (~1 min)
 
-The recipe, top to bottom: parse_args (the command line) -> check_inputs (the model folder, the
-data, --out and the projected SSD writes: mistakes surface in the first second, before anything
-is written) -> start_or_resume (import the model into the work dir, or resume an unfinished
-run) -> plan_summary -> train (step by step, each logged; RunMeter) -> finish (export to --out,
-in the source's layout or --export-format's).
+    torchrun --nproc-per-node 2 finetune.py ...                 # data-parallel ranks (README: Two machines)
+
+The recipe, top to bottom: parse_args (the command line) -> join_ranks (under torchrun: the
+other ranks) -> check_inputs (the model folder, the data, --out and the projected SSD writes:
+mistakes surface in the first second, before anything is written; with ranks, the same on every
+rank) -> start_or_resume (import the model into the work dir, or resume an unfinished run) ->
+plan_summary -> train (step by step, each logged; RunMeter) -> finish (export to --out, in the
+source's layout or --export-format's).
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
@@ -31,7 +35,8 @@ import torch
 from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
-from slowft.errors import Diverged, Interrupted, NonFiniteError, SlowftError
+from slowft.distributed import DEFAULT_TIMEOUT_S, Ranks, folder_digest
+from slowft.errors import Diverged, Interrupted, NonFiniteError, RankLost, RanksDiverged, SlowftError
 from slowft.formats import FORMATS, open_source, writer
 from slowft.formats import meta as meta_format
 from slowft.generate import generate
@@ -42,7 +47,7 @@ from slowft.model import mean_loss
 from slowft.offloaded import (ROUNDINGS, OffloadedModel, cache_root, check_export_path, default_ram_budget, open_workdir,
                               pick_device, workdir_path)
 from slowft.optim import OPTIMIZER_COSTS, OPTIMIZERS, constant_lr, cosine_with_warmup, make_optimizer, state_bytes
-from slowft.plan import Layout, lisa_layers, plan_step, projected_writes
+from slowft.plan import Layout, lisa_layers, plan_step, projected_writes, reduced_bytes
 from slowft.plot import write_loss_plot
 from slowft.progress import RunBar, StepProgress
 from slowft.train import SYNC_EVERY_S
@@ -131,6 +136,10 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--lora-targets", default=None, help=f"comma-separated, of {','.join(LORA_TARGETS)} (default: all)")
     ap.add_argument("--export-adapters", action="store_true",
                     help="with LoRA: also write the adapters alone, in PEFT's layout, to <out>/adapters")
+    ap.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                    help="under torchrun: how long a rank waits for the others before it gives up (default 1800)")
+    ap.add_argument("--fingerprint-every", type=int, default=10, metavar="N",
+                    help="under torchrun: every N steps, check that every rank's weights are still the same (0: never)")
     ap.add_argument("--export-format", default=None, help=f"{' or '.join(FORMATS)} (default: the source's)")
     ap.add_argument("--export-shards", type=int, default=None, help="Meta's format: files (default: the source's count)")
     ap.add_argument("--max-shard-size", type=lambda t: parse_size(t, "--max-shard-size"), default=None,
@@ -166,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--save-every", a.save_every, a.save_every >= 0, "an integer >= 0"),
         ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens > 0, "a positive integer"),
         ("--io-depth", a.io_depth, 1 <= a.io_depth <= 8, "an integer from 1 to 8"),
+        ("--rank-timeout", a.rank_timeout, 0 < a.rank_timeout < math.inf, "a positive number of seconds"),
+        ("--fingerprint-every", a.fingerprint_every, a.fingerprint_every >= 0, "an integer >= 0"),
         ("--export-shards", a.export_shards, a.export_shards is None or a.export_shards > 0, "a positive integer"),
     ]:
         if not ok:
@@ -178,7 +189,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SlowftError(f"--lisa {a.lisa} --train-layers {a.train_layers}: LISA samples the blocks itself; expected one of them")
     if a.train_layers is not None:
         a.train_layers = parse_layers(a.train_layers)
+    world = world_size()
+    if a.grad_accum % world:
+        raise SlowftError(f"--grad-accum {a.grad_accum}: each of the {world} ranks takes an equal share of a step's "
+                          f"micro-batches; expected a multiple of {world}")
     return a
+
+
+def world_size() -> int:
+    """How many ranks torchrun started (1: a single process)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 0 else 1
 
 
 def check_optimizer_flags(a) -> None:
@@ -267,15 +288,21 @@ def demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
     --ram-budget 0 sends every block through the work dir each step, as for a big model."""
     given = {x.split("=")[0] for x in argv if x.startswith("--")}
     a.model = a.model or cache_root() / "demo" / "tiny-llama2"
-    if not (a.model / "params.json").exists():
-        print(f"demo: building a tiny llama2 model in {a.model}")
-        try:
-            make_tiny(a.model, **DEMO)
-        except OSError as e:
-            raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
-                              "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
+    try:
+        a.model.parent.mkdir(parents=True, exist_ok=True)
+        with open(a.model.parent / ".lock", "w") as lock:  # (torchrun's ranks on one machine: built once)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (a.model / "params.json").exists():
+                print(f"demo: building a tiny llama2 model in {a.model}")
+                make_tiny(a.model, **DEMO)
+    except OSError as e:
+        raise SlowftError(f"{a.model}: cannot write the demo model ({e.strerror}); expected a writable folder "
+                          "(the cache is ~/.cache/slowft, or $SLOWFT_CACHE)") from None
     lr = DEMO_LR[a.optimizer]
-    for flag, value in [("--steps", 120), ("--batch-size", 16), ("--grad-accum", 1), ("--seq-len", 64), ("--lr", lr), ("--min-lr", lr / 5),
+    world = world_size()  # under torchrun, the same 16 rows a step, split between the ranks
+    ranks_split = world > 1 and 16 % world == 0
+    for flag, value in [("--steps", 120), ("--batch-size", 16 // world if ranks_split else 16),
+                        ("--grad-accum", world if ranks_split else 1), ("--seq-len", 64), ("--lr", lr), ("--min-lr", lr / 5),
                         ("--warmup-steps", 3), ("--prompt", DEMO_PROMPT), ("--eval-every", 40), ("--max-new-tokens", 24),
                         ("--device", "cpu"), ("--ram-budget", 0), ("--out", Path("out") / "demo")]:
         if flag not in given:
@@ -290,13 +317,15 @@ class StepLog:
     """One JSON line per step in <out>/metrics.jsonl, appended with a single write (a log, not state).
     A new run moves an earlier run's log aside rather than mixing into it; a resumed run appends."""
 
-    def __init__(self, path: Path, resumed: bool):
-        self.path = path
-        if not resumed and path.exists():
+    def __init__(self, path: Path, resumed: bool, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # (with ranks, rank 0's alone)
+        if enabled and not resumed and path.exists():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
             os.replace(path, path.with_name(f"metrics-{stamp}.jsonl"))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (json.dumps(record) + "\n").encode())
@@ -318,6 +347,8 @@ def show_continuation(model, tok, prompt: str, n: int, label: str) -> None:
 
 
 def resume_command() -> str:
+    if world_size() > 1:
+        return "the same torchrun command (every rank resumes)"
     args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
     return " ".join(shlex.quote(x) for x in [Path(sys.executable).name, sys.argv[0], *args])
 
@@ -337,12 +368,56 @@ class Inputs:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    i = check_inputs(a)
-    store = open_workdir(i.src, a.workdir, a.storage_dtype, a.reset_workdir)
+    ranks = join_ranks(a)
+    try:
+        i = check_inputs(a, ranks)
+        if ranks is not None:
+            ranks.check_same(rank_settings(a, i, ranks), "flags, model and data")
+        return train_in_workdir(a, i, ranks)
+    except RankLost as e:
+        print(f"error: {e}. Every rank's work dir is consistent: run the same torchrun command again to resume.", file=sys.stderr)
+        return 4
+    except SlowftError as e:
+        if ranks is None:
+            raise
+        raise SlowftError(f"rank {ranks.rank}: {e}") from None
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def join_ranks(a) -> Ranks | None:
+    """Under torchrun: joins the other ranks (this one quiet unless it is rank 0); else None."""
+    if world_size() == 1:
+        return None
+    ranks = Ranks.from_env(pick_device(a.device), a.rank_timeout)
+    if not ranks.first:  # rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    return ranks
+
+
+def rank_settings(a, i: "Inputs", ranks: Ranks) -> dict:
+    """What every rank must be given alike, by flag: the run's settings, the model, and what
+    decides when the ranks act together."""
+    settings = {**run_settings(a, i, ranks), "model": folder_digest(i.src.path), "storage_dtype": a.storage_dtype,
+                "eval_every": a.eval_every, "fingerprint_every": a.fingerprint_every, "resume": a.resume,
+                "reset_workdir": a.reset_workdir}
+    named = {"data": "--data (its tokens)", "val": "--val-data (its tokens)", "model": "the model folder (its files)",
+             "ranks": "WORLD_SIZE"}
+    return {named.get(k, "--" + k.replace("_", "-")): v for k, v in settings.items()}
+
+
+def train_in_workdir(a, i: "Inputs", ranks: Ranks | None) -> int:
+    """The work dir (with ranks, each its own: a per-rank folder), the model in it, and the run."""
+    workdir = workdir_path(i.src, a.workdir, a.storage_dtype) / f"rank-{ranks.rank}" if ranks is not None else a.workdir
+    store = open_workdir(i.src, workdir, a.storage_dtype, a.reset_workdir)
     model = None
     try:
-        resumed = start_or_resume(store, a, i)
-        model = OffloadedModel(store, i.device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding)
+        resumed = start_or_resume(store, a, i, ranks)
+        if ranks is not None:
+            ranks.agree_on_journal(store)
+        model = OffloadedModel(store, i.device, a.compute_dtype, a.ram_budget, a.io_depth, rounding=a.rounding, ranks=ranks)
+        model.fingerprint_every = a.fingerprint_every
         if a.lora_rank:  # (its settings checked in check_inputs; the work dir's, by the run's settings)
             model.enable_lora(a.lora_rank, a.lora_alpha, a.lora_targets.split(","), a.lora_dropout, a.seed)
         writes = WritePlan(model.layout(), a, i.export_bytes, model.step_count)
@@ -359,15 +434,15 @@ def main(argv=None) -> int:
         if model is not None:
             try:
                 model.close()
-            except OSError:
+            except (OSError, RankLost):
                 pass
         store.close()
 
 
-def check_inputs(a) -> Inputs:
+def check_inputs(a, ranks: Ranks | None = None) -> Inputs:
     """Everything that can be checked before anything is written: a mistake fails in the first
     second, not after an hour of importing. Only --out is created (and probed)."""
-    device = pick_device(a.device)
+    device = ranks.device if ranks is not None else pick_device(a.device)
     src = open_source(a.model)
     export_format = a.export_format or src.format
     writer(export_format, "--export-format")  # (refuses a format slowft has no writer for)
@@ -425,17 +500,25 @@ def held_out(a, tok: BaseTokenizer) -> tuple[TokenData, TokenData | None]:
     return data, val
 
 
-def start_or_resume(store, a, i: Inputs) -> bool:
-    """Resumes the work dir's unfinished run if its settings are these, else imports afresh.
-    Returns whether it resumed."""
+def run_settings(a, i: Inputs, ranks: Ranks | None) -> dict:
+    """The settings an unfinished run resumes with only: RUN_SETTINGS, the data, the ranks."""
     settings = {k: getattr(a, k) for k in RUN_SETTINGS}
     settings["data"] = i.data.fingerprint()
     settings["val"] = i.val.fingerprint() if i.val is not None else None
+    if ranks is not None:
+        settings["ranks"] = ranks.world
+    return settings
+
+
+def start_or_resume(store, a, i: Inputs, ranks: Ranks | None = None) -> bool:
+    """Resumes the work dir's unfinished run if its settings are these, else imports afresh.
+    Returns whether it resumed."""
+    settings = run_settings(a, i, ranks)
     meta = store.read_json("meta.json") or {}
     previous = meta.get("run")
     resumed = bool(previous and not previous.get("finished"))
     if resumed:
-        for k in ["data", "val", *RUN_SETTINGS]:
+        for k in settings:
             if previous["settings"].get(k) != settings[k]:
                 raise SlowftError(
                     f"{store.root}: holds an unfinished run with {k} = {previous['settings'].get(k)} (now {settings[k]}); "
@@ -469,8 +552,10 @@ class WritePlan:
         samples = range(first_step, first_step + max(1, min(self.steps, 16 if a.lisa else 1)))
         lora = bool(a.lora_rank)
         adapters = lora_journal_bytes(args, a.lora_rank, a.lora_targets.split(",")) if lora else 0
-        per = [projected_writes(layout, opt, plan_step(args.n_layers, a.batch_size * a.grad_accum, a.batch_size,
-                                                       **step_subset(a, args.n_layers, t), lora=lora), a.seq_len, adapters)
+        world = world_size()  # (with ranks, what each rank's share of the step writes to its own SSD)
+        per = [projected_writes(layout, opt, plan_step(args.n_layers, a.batch_size * a.grad_accum // world, a.batch_size,
+                                                       **step_subset(a, args.n_layers, t), lora=lora), a.seq_len, adapters,
+                                ranks=world > 1)
                for t in samples]
         self.per_step = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
         self.step_bytes = sum(self.per_step.values())
@@ -518,8 +603,20 @@ def plan_summary(model: OffloadedModel, a, out: Path, writes: WritePlan) -> str:
         f"({writes.tokens:,} a step), {a.optimizer} lr {a.lr:g} ({a.schedule}, state {gb(writes.state)} in the work dir)"
         f"{subset}, from step {m.step_count}",
         *writes.lines(),
+        *ranks_line(model, a),
         f"out     {out}",
     ])
+
+
+def ranks_line(model: OffloadedModel, a) -> list[str]:
+    """With ranks: how the step is split, and what crosses the network."""
+    r, args = model.ranks, model.args
+    if r is None:
+        return []
+    plan = plan_step(args.n_layers, 1, **step_subset(a, args.n_layers, model.step_count), lora=model.lora is not None)
+    lora = sum(p.numel() for p in model.lora.params()) if model.lora is not None else 0
+    return [f"ranks   {r.world} (torchrun): each takes {a.grad_accum // r.world} of a step's {a.grad_accum} micro-batches "
+            f"and all-reduces ~{gb(reduced_bytes(args, plan, lora))} of gradients a step; rank 0 logs and exports"]
 
 
 def check_disk(model: OffloadedModel, a, out: Path) -> None:
@@ -548,6 +645,7 @@ class RunMeter:
         self.model, self.a, self.log, self.writes = model, a, log, writes
         self.bar: RunBar | None = None  # the run's bar on a terminal, while steps run
         self.started, self.io_start, self.waited_start = time.perf_counter(), model.store.stats.snapshot(), model.io.waited
+        self.reduced = (model.ranks.reduced_bytes, model.ranks.reduce_s) if model.ranks is not None else None
         self.io_before, self.lowest = self.io_start, math.inf
         self.stepping, self.steps_run, self.first_loss, self.loss = 0.0, 0, None, None
 
@@ -570,9 +668,14 @@ class RunMeter:
         else:
             print(f"step {step:>5}/{self.a.steps}  loss {loss:.4f}  lr {lr:.2e}  {n_tokens / dt:,.0f} tok/s  {dt:.2f} s "
                   f"(SSD wait {waited:.2f} s)  read {gb(read)}  wrote {gb(written)} (run: {gb(total_written)})", flush=True)
-        self.log.write({"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_per_s": n_tokens / dt,
-                        "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
-                        "written_total_bytes": total_written})
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_per_s": n_tokens / dt,
+                  "step_s": dt, "io_wait_s": waited, "read_bytes": io["read"], "written_bytes": io["written"],
+                  "written_total_bytes": total_written}
+        if m.ranks is not None:  # (rank 0's: every rank sums the same gradients; the seconds include waiting for the others)
+            now_reduced = (m.ranks.reduced_bytes, m.ranks.reduce_s)
+            record["reduced_bytes"], record["reduce_s"] = now_reduced[0] - self.reduced[0], now_reduced[1] - self.reduced[1]
+            self.reduced = now_reduced
+        self.log.write(record)
 
     def summary(self) -> None:
         if self.loss is None:
@@ -604,13 +707,30 @@ class HeldOut:
 
     def evaluate(self, step: int) -> float:
         counted = int((self.y >= 0).sum())
-        loss = mean_loss(self.model.logits, self.x, self.y, self.batch, self.segments)
+        if self.model.ranks is None:
+            loss = mean_loss(self.model.logits, self.x, self.y, self.batch, self.segments)
+        else:
+            loss = self.loss_sum(self.model.ranks) / max(1, counted)
+        self.last = step
+        if not speaks(self.model):
+            return loss
         ppl = math.exp(min(loss, 50))
         print(f"eval  {step:>5}  held-out loss {loss:.4f}  perplexity {ppl:,.2f}  ({counted:,} tokens)", flush=True)
         self.log.write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": counted})
-        self.last = step
         write_loss_plot(self.log.path, self.out / "loss.png", str(self.model.meta["source"]["path"]))
         return loss
+
+    def loss_sum(self, ranks: Ranks) -> float:
+        """The held-out targets' summed loss, each rank scoring every world-th batch of rows."""
+        mine = torch.arange(len(self.x)).div(self.batch, rounding_mode="floor") % ranks.world == ranks.rank
+        x, y, seg = self.x[mine], self.y[mine], self.segments[mine] if self.segments is not None else None
+        local = mean_loss(self.model.logits, x, y, self.batch, seg) * max(1, int((y >= 0).sum()))
+        return float(ranks.total(torch.tensor([local], dtype=torch.float32)).item())
+
+
+def speaks(model: OffloadedModel) -> bool:
+    """Whether this process prints, logs and exports: alone, or as rank 0."""
+    return model.ranks is None or model.ranks.first
 
 
 def stop_on_signals(model: OffloadedModel) -> None:
@@ -629,7 +749,7 @@ def train(model: OffloadedModel, a, tok: BaseTokenizer, data: TokenData, val: To
           writes: WritePlan) -> int:
     schedule = cosine_with_warmup(a.lr, a.steps, a.warmup_steps, a.min_lr) if a.schedule == "cosine" else constant_lr(a.lr)
     optimizer = make_run_optimizer(a)
-    log = StepLog(out / "metrics.jsonl", resumed)
+    log = StepLog(out / "metrics.jsonl", resumed, enabled=speaks(model))
     meter = RunMeter(model, a, log, writes)
     heldout = HeldOut(model, val, a, log, out) if val is not None else None
     stop_on_signals(model)
@@ -642,6 +762,9 @@ def train(model: OffloadedModel, a, tok: BaseTokenizer, data: TokenData, val: To
     except NonFiniteError as e:
         print(f"error: {e}. The work dir keeps the last good weights; to start over with other settings, "
               "add --reset-workdir.", file=sys.stderr)
+        return 3
+    except RanksDiverged as e:
+        print(f"error: {e}. Start over with --reset-workdir on every rank.", file=sys.stderr)
         return 3
     except Diverged as e:
         print(f"error: {e}. Start over with a lower --lr and --reset-workdir"
@@ -665,15 +788,17 @@ def check_collapse(loss: float, lowest: float, vocab: int, step: int) -> None:
 def run_steps(model: OffloadedModel, a, tok: BaseTokenizer, data: TokenData, out: Path, optimizer, schedule, meter: RunMeter,
               heldout: "HeldOut | None") -> None:
     """The steps still to run, each logged; on a terminal one bar for the run."""
-    if a.prompt and model.step_count == 0:
+    if a.prompt and model.step_count == 0 and speaks(model):
         show_continuation(model, tok, a.prompt, a.max_new_tokens, "before")
     if heldout and model.step_count == 0:
         heldout.evaluate(0)
     done = model.step_count
-    if a.save_every and 0 < done < a.steps and done % a.save_every == 0 and not (out / "checkpoints" / f"step-{done:06d}").exists():
+    if (a.save_every and 0 < done < a.steps and done % a.save_every == 0 and speaks(model)
+            and not (out / "checkpoints" / f"step-{done:06d}").exists()):
         save_checkpoint(model, a, out, done)  # the run stopped while writing this checkpoint
-    meter.bar = bar = RunBar(a.steps, done)
-    progress = model.on_progress = StepProgress(model.args.n_layers, bar=bar)
+    stream = None if speaks(model) else sys.stdout  # (another rank's: nowhere)
+    meter.bar = bar = RunBar(a.steps, done, stream)
+    progress = model.on_progress = StepProgress(model.args.n_layers, stream, bar=bar)
     try:
         for step in range(done, a.steps):
             optimizer.lr = schedule(step)
@@ -705,28 +830,32 @@ def between_steps(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, done:
     if a.eval_every and done % a.eval_every == 0 and done < a.steps:
         if heldout:
             heldout.evaluate(done)
-        if a.prompt:
+        if a.prompt and speaks(model):
             show_continuation(model, tok, a.prompt, a.max_new_tokens, f"step {done}")
-    if a.save_every and done % a.save_every == 0 and done < a.steps:
+    if a.save_every and done % a.save_every == 0 and done < a.steps and speaks(model):
         save_checkpoint(model, a, out, done)
-    if model.stop_requested:
+    if model.should_stop():
         model.sync()
         raise Interrupted(f"stopped after step {done}")
 
 
-def finish(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, heldout: "HeldOut | None") -> Path:
-    """The weights made durable, the last evaluation and continuation, the export, and the run
-    marked finished."""
+def finish(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, heldout: "HeldOut | None") -> Path | None:
+    """The weights made durable, the last evaluation and continuation, the export (with ranks,
+    rank 0's; None on the others), and the run marked finished."""
     model.sync()
     if heldout and heldout.last != a.steps:
         heldout.evaluate(a.steps)  # (redraws the plot)
-    else:
+    elif speaks(model):
         write_loss_plot(out / "metrics.jsonl", out / "loss.png", str(model.meta["source"]["path"]))
-    if a.prompt:
-        show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
-    final = export(model, a, out / "model")
-    if a.export_adapters:
-        print(f"adapters: {model.save_adapters(out / 'adapters')} (PEFT's layout)")
+    final = None
+    if speaks(model):
+        if a.prompt:
+            show_continuation(model, tok, a.prompt, a.max_new_tokens, "after")
+        final = export(model, a, out / "model")
+        if a.export_adapters:
+            print(f"adapters: {model.save_adapters(out / 'adapters')} (PEFT's layout)")
+    if model.ranks is not None:  # a rank's run is finished once rank 0 has exported (until then, it resumes)
+        model.ranks.barrier()
     meta = model.store.read_json("meta.json")
     meta["run"]["finished"] = True
     model.store.write_json("meta.json", meta)

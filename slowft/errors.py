@@ -15,3 +15,11 @@ class Interrupted(Exception):
 
 class Diverged(Exception):
     """Training went wrong without a NaN: the loss came back to ln(vocab), a uniform output."""
+
+
+class RankLost(Exception):
+    """Data-parallel: another rank died or stopped answering. Each rank's work dir stays consistent."""
+
+
+class RanksDiverged(Exception):
+    """Data-parallel: the ranks' weights are no longer the same."""

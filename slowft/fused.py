@@ -99,10 +99,12 @@ class UnitUpdate:
     one micro-batch's gradient of a weight: summed into an fp32 accumulator, or, with the step's
     last micro-batch (``last``), added to that sum and handed to the optimizer, which updates the
     weight in place a slice of rows at a time (``write_for(name)`` rounds what it stores).
-    Non-finite gradients are noted (``finite``), for the driver to keep them off the disk."""
+    Non-finite gradients are noted (``finite``), for the driver to keep them off the disk.
+    ``reduce`` (data-parallel: sums a gradient over the ranks, in place) is applied to each
+    weight's whole-step gradient before the optimizer sees it."""
 
-    def __init__(self, master: dict, optimizer, t: int, write_for=None):
-        self.master, self.optimizer, self.t = master, optimizer, t
+    def __init__(self, master: dict, optimizer, t: int, write_for=None, reduce=None):
+        self.master, self.optimizer, self.t, self.reduce = master, optimizer, t, reduce
         self.write_for = write_for or (lambda name: None)
         self.acc: dict[str, torch.Tensor] = {}
         self.bad: list[torch.Tensor] = []
@@ -129,6 +131,8 @@ class UnitUpdate:
 
     def _update(self, name: str, rows: Rows) -> None:
         bad = self.bad
+        if self.reduce is not None:
+            rows = self._summed(rows, self.master[name])
 
         def checked(a: int, b: int) -> torch.Tensor:
             ga = rows(a, b)
@@ -137,6 +141,18 @@ class UnitUpdate:
 
         self.optimizer.update(self.master[name], checked, optim_state(self.master, name, self.optimizer), self.t,
                               write=self.write_for(name), state_write=lambda key: self.write_for(state_prefix(name) + key))
+
+    def _summed(self, rows: Rows, p: torch.Tensor) -> Rows:
+        """The gradient summed over the ranks, in fp32: a slice at a time as the optimizer asks for
+        it, where it asks for each once; else whole, once (a slice asked for twice would be summed
+        twice), a gradient as large as the weight."""
+        reduce = self.reduce
+        if self.optimizer.passes == 1:
+            return lambda a, b: reduce(rows(a, b).float())  # (a slice is never asked for again: summed in place)
+        g = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+        for a, b in row_chunks(p):
+            g[a:b] = rows(a, b)
+        return rows_of(reduce(g))
 
     def finite(self) -> bool:
         return not (self.bad and bool(torch.stack(self.bad).any()))
@@ -158,8 +174,8 @@ class BlockUpdate:
     garbage collector runs."""
 
     def __init__(self, master: dict, compute_dtype: torch.dtype, block_fn, optimizer, t: int,
-                 write_for=None, train: bool = True):
-        self.updates = UnitUpdate(master, optimizer, t, write_for)
+                 write_for=None, train: bool = True, reduce=None):
+        self.updates = UnitUpdate(master, optimizer, t, write_for, reduce)
         self.master, self.passes = master, optimizer.passes
         self.compute_dtype, self.block_fn, self.train = compute_dtype, block_fn, train
 
@@ -235,11 +251,11 @@ class HeadUpdate(UnitUpdate):
 
     def __init__(self, master: dict, compute_dtype: torch.dtype, norm_fn, optimizer, t: int, n_counted: int,
                  n_tokens: int, write_for=None, train: bool = True, tied: torch.Tensor | None = None,
-                 train_output: bool | None = None):
+                 train_output: bool | None = None, reduce=None):
         """``tied``: the embedding matrix, which is the output projection too (its gradient is then
         handed on by ``output_grad``, not applied here); ``train_output``: whether the output
         projection's gradient is wanted (by default as ``train``, the final norm's)."""
-        super().__init__(master, optimizer, t, write_for)
+        super().__init__(master, optimizer, t, write_for, reduce)
         self.norm_fn, self.train, self.tied = norm_fn, train, tied is not None
         self.train_output = train if train_output is None else train_output
         cd = compute_dtype
@@ -311,10 +327,11 @@ class EmbeddingUpdate(UnitUpdate):
     micro-batches into those rows only, and the optimizer gets it a slice of rows at a time, never
     as a dense [vocab, dim] tensor; no compute-dtype copy of the matrix is made."""
 
-    def __init__(self, master: dict, tokens: torch.Tensor, optimizer, t: int, write_for=None, tied: Rows | None = None):
+    def __init__(self, master: dict, tokens: torch.Tensor, optimizer, t: int, write_for=None, tied: Rows | None = None,
+                 reduce=None):
         """``tied``: the gradient of the same matrix in its other use, as the output projection
         (HeadUpdate.output_grad): both are summed for its one update."""
-        super().__init__(master, optimizer, t, write_for)
+        super().__init__(master, optimizer, t, write_for, reduce)
         self.tied = tied
         self.used = tokens.reshape(-1).unique()  # sorted
         self.sum = torch.zeros(len(self.used), master["weight"].shape[1], device=tokens.device, dtype=torch.float32)

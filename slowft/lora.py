@@ -97,10 +97,12 @@ class Adapters:
         for group in self.optimizer.param_groups:
             group.update(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    def step(self) -> bool:
-        """One AdamW update from the gradients the backward summed; False (nothing updated) where
-        one is not finite."""
+    def step(self, reduce=None) -> bool:
+        """One AdamW update from the gradients the backward summed (``reduce``: data-parallel, sums
+        each over the ranks first); False (nothing updated) where one is not finite."""
         grads = [p.grad for p in self.params() if p.grad is not None]
+        for g in grads if reduce is not None else ():
+            reduce(g)
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if finite:
             self.optimizer.step()

@@ -162,7 +162,9 @@ def use_page_cache(streamed: int, spare: int) -> bool:
 class OffloadedModel:
     def __init__(self, store: Store, device: torch.device, compute_dtype: str = "float32",
                  ram_budget: int | None = None, io_depth: int = 1, io: IOWorker | None = None,
-                 page_cache: str = "auto", rounding: str = "stochastic"):
+                 page_cache: str = "auto", rounding: str = "stochastic", ranks=None):
+        """``ranks`` (slowft.distributed.Ranks): data-parallel, this process one rank of several,
+        each with its own work dir; each step's batch is split between them."""
         self.store, self.device = store, device
         if rounding not in ROUNDINGS:
             raise SlowftError(f"--rounding {rounding}: expected one of {', '.join(ROUNDINGS)}")
@@ -177,6 +179,11 @@ class OffloadedModel:
         self.meta = store.read_json("meta.json")
         self.args = ModelArgs(**self.meta["args"])
         journal = store.read_journal()
+        if "next" in journal and ranks is None:
+            raise SlowftError(f"{store.root / 'journal.json'}: a rank's work dir from a run on several ranks, stopped mid-commit; "
+                              "resume it with the same torchrun command")
+        self.ranks = ranks
+        self.fingerprint_every = 0  # with ranks: every so many steps, check that their weights are still the same
         self.step_count: int = journal["step"]
         self.sweep: dict | None = journal.get("sweep")
         versions = journal["versions"]
@@ -192,6 +199,8 @@ class OffloadedModel:
         self.ram_budget = default_ram_budget(device) if ram_budget is None else int(ram_budget)
         self.io = io or IOWorker()
         self.cache = UnitCache(store, self.io, device, versions, self.unit_bytes, self.ram_budget, io_depth)
+        if ranks is not None:
+            self.cache.write_journal = ranks.journal_writer(store)
         self.activations = Activations(store, self.io, device, 0)
         self.rounding = rounding
         self.on_progress = None  # (phase, unit k of n, micro-batch j of K) -> None, e.g. a progress line
@@ -429,10 +438,15 @@ class OffloadedModel:
     def lora_name(self) -> str:
         return f"lora.s{self.step_count:06d}"
 
+    def should_stop(self) -> bool:
+        """Whether to stop now (a Ctrl-C or SIGTERM): with ranks, if any rank was asked to, all stop."""
+        return self.ranks.any(self.stop_requested) if self.ranks is not None else self.stop_requested
+
     def sync(self) -> None:
-        """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs)."""
+        """Makes the work dir hold the current weights (in resident mode they live in RAM between syncs).
+        Ranks commit together, so with ranks it always commits."""
         self.usable()
-        if self.cache.dirty or (self.lora is not None and self.lora_file != self.lora_name()):
+        if self.ranks is not None or self.cache.dirty or (self.lora is not None and self.lora_file != self.lora_name()):
             self.commit()
         self.io.drain()
         self.last_sync = time.monotonic()

@@ -116,11 +116,13 @@ class Layout:
         return cls(args, sizes, dict.fromkeys(sizes, 0), compute_dtype, ram_budget)
 
 
-def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int, lora_bytes: int = 0) -> dict[str, int]:
+def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int, lora_bytes: int = 0,
+                     ranks: bool = False) -> dict[str, int]:
     """Bytes one streaming step writes to the work dir, by the store's categories: the trained
     units with their optimizer state, the activations that spill, the gradients the journal
-    copies, the journal (with LoRA, the adapters and their state: ``lora_bytes``). All 0 where
-    the model fits the RAM budget (it writes only at syncs)."""
+    copies, the journal (with LoRA, the adapters and their state: ``lora_bytes``; with
+    ``ranks``, each commit two-phase: the journal with the next state in it, then that state).
+    All 0 where the model fits the RAM budget (it writes only at syncs)."""
     args, K = layout.args, plan.n_micro
     x_bytes = plan.micro * seq_len * args.dim * layout.compute_dtype.itemsize
     unit_budget, act_budget = split_budget(layout.ram_budget, sum(layout.unit_bytes.values()), x_bytes * args.n_layers * K)
@@ -143,7 +145,18 @@ def projected_writes(layout: Layout, optimizer, plan: StepPlan, seq_len: int, lo
     commits = 0 if whole else sum(1 for k in range(plan.stop) if (k + 1) % every == 0 and k + 1 < plan.stop)
     out["grads"] += commits * file * acts.flow
     out["journal"] = commits * journal_bytes(args.n_layers, K) + journal_bytes(args.n_layers, 0)
+    out["journal"] *= 3 if ranks else 1
     return out
+
+
+def reduced_bytes(args: ModelArgs, plan: StepPlan, lora_params: int = 0) -> int:
+    """Bytes of gradient a data-parallel step all-reduces (each rank sends and receives about
+    this much, whatever the count of ranks): every trained weight's in fp32, or, with LoRA, the
+    adapters' (``lora_params`` of them)."""
+    if plan.lora:
+        return 4 * lora_params
+    shapes = unit_shapes(args)
+    return 4 * sum(torch.Size(shape).numel() for unit in plan.trained for shape in shapes[unit].values())
 
 
 def journal_bytes(n_layers: int, n_grads: int) -> int:

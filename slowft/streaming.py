@@ -224,6 +224,7 @@ class UnitCache:
         self.pos = 0
         self._uncommitted: list[Future] = []
         self._unit_writes: collections.deque[_Write] = collections.deque()
+        self.write_journal = store.write_journal  # (ranks: their two-phase commit, slowft.distributed)
 
     def set_budget(self, budget: int) -> None:
         """Everything fits: keep it all and write only at commits. Otherwise stream, writing each
@@ -418,7 +419,7 @@ class UnitCache:
         def finish():
             for d in deps:
                 d.result()
-            self.store.write_journal({**journal, "versions": versions})
+            self.write_journal({**journal, "versions": versions})
             for u, v in superseded.items():  # only now that the journal no longer names them
                 self.io.tidy(self.store.retire_unit, u, v, versions[u])
             for name in old_grads:

@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from . import faults
+from .distributed import fingerprint
 from .errors import Interrupted, NonFiniteError, SlowftError
 from .fused import BlockUpdate, EmbeddingUpdate, HeadUpdate
 from .heap import release_free_heap
 from .lora import LoraBlock
 from .model import SeededDropout, packed_mask, packed_rope
-from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index
+from .units import EMBEDDING, HEAD, backward_order, is_layer, layer, layer_index, weights_of
 from .plan import StepPlan, activation_plan, commit_every, plan_step
 
 SYNC_EVERY_S = 600.0  # resident mode: how often the in-RAM weights are committed to the work dir
@@ -54,11 +56,26 @@ def train_step(model, tokens: torch.Tensor, targets: torch.Tensor, optimizer, dr
         raise SlowftError(f"step: tokens and targets must both be [batch, seq]; got {list(tokens.shape)} and {list(targets.shape)}")
     if tokens.shape[1] > model.args.max_seq_len:
         raise SlowftError(f"--seq-len {tokens.shape[1]}: above the model's limit of {model.args.max_seq_len}")
-    plan = plan_step(model.args.n_layers, tokens.shape[0], micro_batch_size, train_layers, train_embedding, train_head,
-                     lora=model.lora is not None)
     if segments is not None and segments.shape != tokens.shape:
         raise SlowftError(f"step: segments must be [batch, seq] like tokens; got {list(segments.shape)}")
-    return _Step(model, tokens, targets, optimizer, plan, dropout, seed, segments).run()
+    plan = plan_step(model.args.n_layers, tokens.shape[0], micro_batch_size, train_layers, train_embedding, train_head,
+                     lora=model.lora is not None)
+    n_counted, first_micro = int((targets >= 0).sum()), 0
+    if model.ranks is not None:  # this rank's share of the micro-batches; the loss is still the whole batch's mean
+        tokens, targets, segments, first_micro = share(model.ranks, plan, tokens, targets, segments)
+        plan = replace(plan, n_micro=plan.n_micro // model.ranks.world)
+    return _Step(model, tokens, targets, optimizer, plan, dropout, seed, segments, n_counted, first_micro).run()
+
+
+def share(ranks, plan: StepPlan, tokens, targets, segments):
+    """(tokens, targets, segments, index of the first micro-batch) of this rank's share of a
+    step's micro-batches: a consecutive run of them, the same count on every rank."""
+    if plan.n_micro % ranks.world:
+        raise SlowftError(f"step: {plan.n_micro} micro-batches of {plan.micro} rows; expected a multiple of the "
+                          f"{ranks.world} ranks (each takes an equal share)")
+    per = plan.n_micro // ranks.world
+    rows = slice(ranks.rank * per * plan.micro, (ranks.rank + 1) * per * plan.micro)
+    return tokens[rows], targets[rows], segments[rows] if segments is not None else None, ranks.rank * per
 
 
 def _plan_activations(model, plan: StepPlan, x_bytes: int, done: int) -> bool:
@@ -71,9 +88,17 @@ def _plan_activations(model, plan: StepPlan, x_bytes: int, done: int) -> bool:
 
 
 class _Step:
-    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int, segments=None):
+    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int, segments=None,
+                 n_counted: int | None = None, first_micro: int = 0):
+        """``n_counted``: the targets the loss is the mean over (the whole step's, with ranks);
+        ``first_micro``: the index of this rank's first micro-batch in the step (for dropout)."""
         self.model, self.optimizer, self.plan, self.seed = model, optimizer, plan, seed
         self.t = model.step_count
+        self.ranks, self.first_micro = model.ranks, first_micro
+        self.n_counted = int((targets >= 0).sum()) if n_counted is None else n_counted
+        self.reduce = self.ranks.reduce_ if self.ranks is not None else None
+        every = model.fingerprint_every
+        self.digests: dict[str, str] | None = {} if self.ranks and every and (self.t + 1) % every == 0 else None
         self.tokens, self.targets = tokens.to(model.device), targets.to(model.device)
         self.segments = segments.to(model.device) if segments is not None else None
         self.batch = batch_id(self.tokens, self.targets, plan, self.segments)
@@ -104,7 +129,7 @@ class _Step:
         self.whole = self.tied or self.lora is not None
 
     def at(self, layer_: int | str, j: int):
-        return self.drop.at(layer_, j) if self.drop else None
+        return self.drop.at(layer_, self.first_micro + j) if self.drop else None
 
     def piece(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[j * self.plan.micro : (j + 1) * self.plan.micro]
@@ -132,6 +157,9 @@ class _Step:
         trick = _plan_activations(m, self.plan, self.x_bytes, done)
         block = max(m.unit_bytes[u] for u in m.layer_units)
         self.every = None if m.cache.resident or self.whole else commit_every(block, self.x_bytes, self.acts.flow)
+        if self.ranks is not None:  # every rank commits at the same units (the two-phase journal)
+            self.every = self.ranks.least(self.every or len(self.bwd) + 1)
+            self.every = self.every if self.every <= len(self.bwd) else None
         m.cache.plan(forward + ([EMBEDDING] if self.tied else []) + ([HEAD] if done == 0 else []) + self.bwd[done:])
         try:
             if forward:
@@ -139,7 +167,7 @@ class _Step:
             if done:
                 self.load_journaled_grads()
             self.backward()
-            if self.lora is not None and not self.lora.step():
+            if self.lora is not None and not self.lora.step(self.reduce):
                 raise NonFiniteError(f"non-finite gradient in the LoRA adapters at step {self.t + 1}; nothing was updated. "
                                      "Try a lower --lr")
         except NonFiniteError:
@@ -150,11 +178,21 @@ class _Step:
                 m.cache.release(layer(L - 1))
         m.step_count, m.sweep = self.t + 1, None
         self.acts.clear()
-        if not m.cache.resident or time.monotonic() - m.last_sync >= m.sync_every_s:
+        if self.digests is not None:
+            self.check_fingerprints()
+        commit = not m.cache.resident or time.monotonic() - m.last_sync >= m.sync_every_s
+        if self.ranks.any(commit) if self.ranks is not None else commit:
             m.commit()
             if m.cache.resident:
                 m.last_sync = time.monotonic()
         return float(self.loss)
+
+    def check_fingerprints(self) -> None:
+        """Data-parallel: the units this step updated (or the adapters) are the same on every rank."""
+        if self.lora is not None:
+            self.digests["lora"] = fingerprint({"flat": self.lora.flat()})
+        digest = hashlib.sha256(repr(sorted(self.digests.items())).encode()).hexdigest()[:16]
+        self.ranks.check_fingerprints(digest, self.t + 1)
 
     # -- forward
 
@@ -163,7 +201,7 @@ class _Step:
         m, L = self.model, self.model.args.n_layers
         self.forward_embedding()
         for i in range(n_run):
-            if m.stop_requested:
+            if m.should_stop():
                 self.stop(self.done)
             faults.hit("forward_block")
             if trick and i == L - 1:
@@ -212,7 +250,7 @@ class _Step:
         release_each_block = max(m.unit_bytes[u] for u in m.layer_units) > m.unit_bytes[HEAD]
         for k in range(self.done, len(self.bwd)):
             unit = self.bwd[k]
-            if m.stop_requested and not self.whole:  # (a tied or LoRA step stops once it is whole)
+            if not self.whole and m.should_stop():  # (a tied or LoRA step stops once it is whole)
                 self.stop(k)
             faults.hit("backward_unit")
             if unit == HEAD:
@@ -229,7 +267,7 @@ class _Step:
 
     def lora_at(self, i: int, j: int):
         """The LoRA paths' dropout for block i, micro-batch j (None: no dropout there)."""
-        return self.lora_drop.at(i, j) if self.lora_drop else None
+        return self.lora_drop.at(i, self.first_micro + j) if self.lora_drop else None
 
     def lora_of(self, i: int, j: int) -> dict:
         return {"lora_drop": self.lora_at(i, j)} if self.lora is not None else {}
@@ -240,7 +278,8 @@ class _Step:
             return LoraBlock(m.cache.get(unit), m.compute_dtype, m.block_fn, self.lora, i)
         trained = unit in self.plan.trained
         master = m.cache.get(unit, for_update=trained)
-        return BlockUpdate(master, m.compute_dtype, m.block_fn, self.optimizer, self.t + 1, m.writer(self.seed, self.t + 1, unit), trained)
+        return BlockUpdate(master, m.compute_dtype, m.block_fn, self.optimizer, self.t + 1, m.writer(self.seed, self.t + 1, unit), trained,
+                           self.reduce)
 
     def backward_block(self, k: int, i: int) -> None:
         m, K = self.model, self.plan.n_micro
@@ -278,9 +317,9 @@ class _Step:
         trained = HEAD in self.plan.trained
         tied = m.cache.get(EMBEDDING)["weight"] if self.tied else None
         master = m.cache.get(HEAD, for_update=trained)
-        u = HeadUpdate(master, m.compute_dtype, m.norm_fn, self.optimizer, self.t + 1, int((self.targets >= 0).sum()),
+        u = HeadUpdate(master, m.compute_dtype, m.norm_fn, self.optimizer, self.t + 1, self.n_counted,
                        self.targets.numel(), m.writer(self.seed, self.t + 1, HEAD), trained, tied,
-                       train_output=EMBEDDING in self.plan.trained if self.tied else trained)
+                       train_output=EMBEDDING in self.plan.trained if self.tied else trained, reduce=self.reduce)
         for j in range(K):
             h = acts.input(L, j)
             g = u.micro(h, self.piece(self.targets, j))
@@ -288,6 +327,8 @@ class _Step:
                 self.put_grad(k, L - 1, j, g)
         if self.tied:  # pinned until its last use: in fp32 storage, u.W is the cache's own buffer
             m.cache.release(EMBEDDING)
+        if self.ranks is not None:  # each rank's share of the mean: summed, every rank has the step's loss
+            u.loss = self.ranks.total(u.loss)
         if not torch.isfinite(u.loss):
             m.cache.release(HEAD)
             advice = "The weights are still the source's: check the model (or --compute-dtype)" if self.t == 0 else "Try a lower --lr"
@@ -300,7 +341,7 @@ class _Step:
     def backward_embedding(self) -> None:
         m = self.model
         u = EmbeddingUpdate(m.cache.get(EMBEDDING, for_update=True), self.tokens, self.optimizer, self.t + 1,
-                            m.writer(self.seed, self.t + 1, EMBEDDING), tied=self.tied_grad)
+                            m.writer(self.seed, self.t + 1, EMBEDDING), tied=self.tied_grad, reduce=self.reduce)
         for j in range(self.plan.n_micro):
             u.micro(self.piece(self.tokens, j), self.acts.grad(-1, j), self.at("emb", j))
         u.apply()
@@ -316,6 +357,8 @@ class _Step:
             m.cache.drop(unit)
             m.broken = f"step {self.t + 1} stopped part-way at a non-finite gradient in {unit}"
             raise NonFiniteError(f"non-finite gradient in {unit} at step {self.t + 1}; stopped before writing it. Try a lower --lr")
+        if trained and self.digests is not None:
+            self.digests[unit] = fingerprint(weights_of(u.master))
         m.cache.release(unit, updated=trained)
 
     # -- the journal
@@ -367,7 +410,7 @@ class _Step:
         """Ctrl-C: make the work dir consistent with what is in memory, then raise Interrupted."""
         m = self.model
         if k == 0:
-            if m.cache.dirty:
+            if m.cache.dirty or m.ranks is not None:  # (ranks commit together: a journal write where nothing changed)
                 m.commit()
         elif m.sweep is None or m.sweep["done"] != k:
             self.commit_mid_step(k)
