@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from slowft import faults
 from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
@@ -517,6 +518,8 @@ def start_or_resume(store, a, i: Inputs, ranks: Ranks | None = None) -> bool:
     meta = store.read_json("meta.json") or {}
     previous = meta.get("run")
     resumed = bool(previous and not previous.get("finished"))
+    if ranks is not None and ranks.any(resumed) and previous and previous["settings"] == settings:
+        resumed = True  # another rank died before it marked this run finished: it finishes again, with them
     if resumed:
         for k in settings:
             if previous["settings"].get(k) != settings[k]:
@@ -856,6 +859,7 @@ def finish(model: OffloadedModel, a, tok: BaseTokenizer, out: Path, heldout: "He
             print(f"adapters: {model.save_adapters(out / 'adapters')} (PEFT's layout)")
     if model.ranks is not None:  # a rank's run is finished once rank 0 has exported (until then, it resumes)
         model.ranks.barrier()
+    faults.hit("finish")
     meta = model.store.read_json("meta.json")
     meta["run"]["finished"] = True
     model.store.write_json("meta.json", meta)

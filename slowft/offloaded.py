@@ -116,14 +116,17 @@ def open_workdir(src, workdir, storage_dtype: str, reset: bool = False) -> Store
 
 def load(path, workdir=None, device=None, storage_dtype: str = "float32", compute_dtype: str = "float32",
          ram_budget: int | None = None, reset_workdir: bool = False, progress: bool = True,
-         rounding: str = "stochastic") -> "OffloadedModel":
+         rounding: str = "stochastic", ranks=None) -> "OffloadedModel":
     """Opens a model folder (Meta's format or Hugging Face's, slowft.formats); imports it into the
     work dir on first use, reuses it after.
     ``storage_dtype`` "auto": that of an import of this source already there (``workdir``, or
     the cache's), else the source's own where the store keeps it (bf16 for Meta's: exact, and
-    half the disk of float32, e.g. to only generate text)."""
+    half the disk of float32, e.g. to only generate text).
+    ``ranks`` (slowft.Ranks.from_env, under torchrun): this process is one rank of several, on
+    ``ranks.device``, with a ``workdir`` of its own; ``step`` then takes the whole batch and
+    computes this rank's share of it, the ranks' work dirs first brought to one state."""
     src = open_source(path)
-    dev = pick_device(device)
+    dev = ranks.device if ranks is not None else pick_device(device)
     if storage_dtype == "auto":
         native = "bfloat16" if src.dtype == torch.bfloat16 else "float32"
         found = [Store.storage_dtype_of(workdir_path(src, workdir, d)) for d in (native, "float32", "bfloat16")]
@@ -145,7 +148,9 @@ def load(path, workdir=None, device=None, storage_dtype: str = "float32", comput
             print(f"slowft: {store.root} holds fine-tuned weights; re-importing the originals from {src.path}")
             store.reset()
         import_model(src, store, DTYPE_NAMES[storage_dtype], progress=progress)
-        return OffloadedModel(store, dev, compute_dtype, ram_budget, rounding=rounding)
+        if ranks is not None:
+            ranks.agree_on_journal(store)
+        return OffloadedModel(store, dev, compute_dtype, ram_budget, rounding=rounding, ranks=ranks)
     except BaseException:
         store.close()
         raise

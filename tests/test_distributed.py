@@ -83,15 +83,25 @@ try:
     r.agree_on_journal(store)
 except SlowftError as e:
     out["apart"] = str(e)
+# the library: slowft.load with ranks; step() takes the whole batch, each rank computes its half
+import slowft
+tokens = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(0))
+with slowft.load(sys.argv[2], workdir=Path(sys.argv[1]) / f"lib-{r.rank}", ranks=r, progress=False) as m:
+    out["loss"] = m.step(tokens[:, :-1], tokens[:, 1:], slowft.SGD(lr=0.5), dropout=0.1, micro_batch_size=1)
+    torch.save(dict(m.named_tensors()), Path(sys.argv[1]) / f"lib-{r.rank}.pt")
 print(json.dumps(out))
 """
 
 
-def test_collectives_and_the_journals_agreement_on_two_ranks(tmp_path):
+def test_collectives_the_journals_agreement_and_the_library_on_two_ranks(src, tmp_path):
     """slowft.distributed on 2 real gloo ranks: sums (a tensor gloo cannot take in place is copied),
     decisions taken together, settings and weights compared, and the journals brought together:
-    a rank one commit behind rolls forward to what it had prepared; ranks further apart are refused."""
-    results = ranks([tmp_path], [tmp_path], script=("-c", COLLECTIVES))
+    a rank one commit behind rolls forward to what it had prepared; ranks further apart are
+    refused. Then slowft.load(ranks=) and one step of 4 micro-batches, 2 a rank: one process's
+    step on the whole batch, within 1e-6."""
+    import slowft
+
+    results = ranks([tmp_path, src], [tmp_path, src], script=("-c", COLLECTIVES))
     outs = []
     for rc, said, _ in results:
         assert rc == 0, said
@@ -104,6 +114,15 @@ def test_collectives_and_the_journals_agreement_on_two_ranks(tmp_path):
         assert out["journal"] == {"step": 2, "sweep": {"done": 4}, "versions": {"head": 3}}
         assert "rank 0 at step 5 (0 units done), rank 1 at step 3 (0 units done)" in out["apart"]
         assert "pass --reset-workdir to every rank" in out["apart"]
+    tokens = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(0))
+    with slowft.load(src, workdir=tmp_path / "alone", device="cpu", progress=False) as m:
+        loss = m.step(tokens[:, :-1], tokens[:, 1:], slowft.SGD(lr=0.5), dropout=0.1, micro_batch_size=1)
+        alone = dict(m.named_tensors())
+    split = [torch.load(tmp_path / f"lib-{r}.pt") for r in (0, 1)]
+    assert outs[0]["loss"] == outs[1]["loss"] == pytest.approx(loss, rel=1e-6)
+    for k, want in alone.items():
+        assert torch.equal(split[0][k], split[1][k])
+        assert ((split[0][k].float() - want.float()).abs().max() / want.float().abs().max()).item() <= 1e-6, k
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +167,9 @@ def test_two_ranks_compute_the_steps_of_one_process(src, two_ranks, tmp_path, na
 def test_killed_rank_stops_the_other_and_both_resume_bit_identically(src, two_ranks, tmp_path):
     """Rank 1 killed as it writes its journal mid-step (rank 0 may have committed that point: it
     rolls forward), then rank 0 killed between micro-batches: each time the other rank exits 4 at
-    once, naming the lost rank, and the rerun of both ends bit-identical to an uninterrupted run."""
+    once, naming the lost rank. Then rank 1 killed after rank 0's export, before it marks its run
+    finished (rank 0 has): the rerun of both finishes the run again, bit-identical to an
+    uninterrupted one."""
     argv = [src, *STEPS, *OPTIMIZERS["sgd"], "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
     for victim, fault in [(1, "journal:3:kill"), (0, "backward_micro:3:kill")]:
         results = ranks(argv, argv, envs={victim: {"SLOWFT_FAULT": fault}})
@@ -156,6 +177,7 @@ def test_killed_rank_stops_the_other_and_both_resume_bit_identically(src, two_ra
         rc, err, seconds = results[1 - victim]
         assert rc == 4 and "lost the other ranks" in err and "run the same torchrun command again" in err, err
         assert seconds < 60
+    assert [rc for rc, _, _ in ranks(argv, argv, envs={1: {"SLOWFT_FAULT": "finish:1:kill"}})] == [0, -9]
     for rc, err, _ in ranks(argv, argv):
         assert rc == 0, err
     assert bits(tmp_path / "out" / "model") == bits(two_ranks("sgd") / "out" / "model")
