@@ -45,7 +45,8 @@ def ranks(*argvs, envs=None, timeout=120, script=("finetune.py",)) -> list[tuple
     port, started = free_port(), time.monotonic()
     procs = [subprocess.Popen([sys.executable, *script, *map(str, argv)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(len(argvs)),
+                              env={**os.environ, "OMP_NUM_THREADS": "1",  # (as torchrun sets it: a thread a rank)
+                                   "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(len(argvs)),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **((envs or {}).get(r, {}))})
              for r, argv in enumerate(argvs)]
     out = []

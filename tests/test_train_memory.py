@@ -36,11 +36,11 @@ def test_peak_rss_independent_of_depth(tiny, tmp_path):
     kw = dict(dim=512, heads=8, shards=1, multiple_of=256)
     block = (4 * 512 * 512 + 3 * 512 * 1536) * 4
     g4, peak4 = peak_rss_training(tiny(layers=4, **kw), tmp_path / "w4")
-    g12, peak12 = peak_rss_training(tiny(layers=12, **kw), tmp_path / "w12")
+    g8, peak8 = peak_rss_training(tiny(layers=8, **kw), tmp_path / "w8")
     print(f"peak RSS 4 layers {peak4 / 1e6:.0f} MB (step +{g4 / 1e6:.0f} MB), "
-          f"12 layers {peak12 / 1e6:.0f} MB (step +{g12 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
-    assert abs(peak12 - peak4) / peak4 < 0.10
-    assert g12 < g4 + 4 * block  # 8 more blocks on disk cost (next to) nothing in RAM; holding them, 8
+          f"8 layers {peak8 / 1e6:.0f} MB (step +{g8 / 1e6:.0f} MB); block {block / 1e6:.1f} MB")
+    assert abs(peak8 - peak4) / peak4 < 0.10  # (holding the 4 more blocks: +15 %)
+    assert g8 < g4 + 2 * block  # 4 more blocks on disk cost (next to) nothing in RAM; holding them, 4
 
 
 class AllocatedPeak(TorchDispatchMode):
