@@ -36,7 +36,7 @@ from slowft import faults
 from slowft.checkpoint import DTYPE_NAMES, expected_shapes, foreign_file, import_model, n_params, unit_shapes
 from slowft.cli import ArgumentParser, parse_size, run
 from slowft.data import TokenData
-from slowft.distributed import DEFAULT_TIMEOUT_S, Ranks, folder_digest
+from slowft.distributed import DEFAULT_TIMEOUT_S, Ranks, folder_digest, world_size
 from slowft.errors import Diverged, Interrupted, NonFiniteError, RankLost, RanksDiverged, SlowftError
 from slowft.formats import FORMATS, open_source, writer
 from slowft.formats import meta as meta_format
@@ -195,12 +195,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SlowftError(f"--grad-accum {a.grad_accum}: each of the {world} ranks takes an equal share of a step's "
                           f"micro-batches; expected a multiple of {world}")
     return a
-
-
-def world_size() -> int:
-    """How many ranks torchrun started (1: a single process)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return int(world) if world.isdigit() and int(world) > 0 else 1
 
 
 def check_optimizer_flags(a) -> None:

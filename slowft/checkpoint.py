@@ -83,6 +83,11 @@ def unit_shapes(args: ModelArgs) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
+def unit_params(args: ModelArgs) -> dict[str, int]:
+    """unit -> the count of its weights' parameters."""
+    return {unit: sum(torch.Size(s).numel() for s in shapes.values()) for unit, shapes in unit_shapes(args).items()}
+
+
 def n_params(args: ModelArgs) -> int:
     """The trained parameters' count (rope.freqs aside; a tied matrix once)."""
     return sum(torch.Size(s).numel() for s in expected_shapes(args, with_extras=False).values())
@@ -149,9 +154,7 @@ def import_model(src, store: Store, storage_dtype: torch.dtype, progress: bool =
         store.write_json("meta.json", meta)
     if meta["imported"]:
         return
-    unit_size: dict[str, int] = {}
-    for unit, shapes in unit_shapes(src.args).items():
-        unit_size[unit] = sum(torch.Size(s).numel() for s in shapes.values()) * storage_dtype.itemsize
+    unit_size = {unit: n * storage_dtype.itemsize for unit, n in unit_params(src.args).items()}
     done = {u for u, versions in store.unit_versions().items() if 0 in versions and u in unit_size}
     need = sum(n for u, n in unit_size.items() if u not in done)
     free = store.free_bytes()

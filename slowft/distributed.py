@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import os
 import re
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -67,6 +66,12 @@ def folder_digest(folder, pages: int = 8, page: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def world_size() -> int:
+    """How many ranks torchrun started (its WORLD_SIZE; 1: a single process)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 0 else 1
+
+
 class Ranks:
     """This process's place among the ranks of a torchrun launch, and the collectives slowft uses.
     A collective that fails (a rank died, or did not answer within ``timeout_s``) raises
@@ -92,8 +97,8 @@ class Ranks:
     def from_env(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> "Ranks | None":
         """The ranks torchrun started (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or None
         for a single process."""
-        world = os.environ.get("WORLD_SIZE", "1")
-        if not world.isdigit() or int(world) <= 1:
+        world = world_size()
+        if world == 1:
             return None
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
@@ -193,17 +198,16 @@ class Ranks:
 
     def journal_writer(self, store):
         """The two-phase ``write_journal`` a rank's UnitCache commits through (see the module's
-        docstring). Commits happen at the same points on every rank, so their count keys them."""
+        docstring). Commits happen at the same points on every rank, one at a time (on the
+        writer thread), so their count keys them."""
         committed = [store.read_journal()]
-        lock = threading.Lock()
 
         def write(journal: dict) -> None:
-            with lock:
-                self.commits += 1
-                store.write_journal({**committed[0], "next": journal})
-                self.all_prepared(f"commit/{self.commits}")
-                store.write_journal(journal)
-                committed[0] = journal
+            self.commits += 1
+            store.write_journal({**committed[0], "next": journal})
+            self.all_prepared(f"commit/{self.commits}")
+            store.write_journal(journal)
+            committed[0] = journal
 
         return write
 

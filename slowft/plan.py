@@ -17,7 +17,7 @@ import torch
 
 from .activations import Activations
 from .errors import SlowftError
-from .checkpoint import unit_shapes
+from .checkpoint import unit_params, unit_shapes
 from .model import ModelArgs
 from .optim import state_bytes
 from .store import CATEGORIES
@@ -111,8 +111,7 @@ class Layout:
     @classmethod
     def estimate(cls, args: ModelArgs, storage_dtype: torch.dtype, compute_dtype: torch.dtype, ram_budget: int) -> "Layout":
         """From the shape alone, before any import: each unit's weights and a header."""
-        sizes = {u: FILE_HEADER + sum(torch.Size(s).numel() for s in shapes.values()) * storage_dtype.itemsize
-                 for u, shapes in unit_shapes(args).items()}
+        sizes = {u: FILE_HEADER + n * storage_dtype.itemsize for u, n in unit_params(args).items()}
         return cls(args, sizes, dict.fromkeys(sizes, 0), compute_dtype, ram_budget)
 
 
@@ -155,8 +154,8 @@ def reduced_bytes(args: ModelArgs, plan: StepPlan, lora_params: int = 0) -> int:
     adapters' (``lora_params`` of them)."""
     if plan.lora:
         return 4 * lora_params
-    shapes = unit_shapes(args)
-    return 4 * sum(torch.Size(shape).numel() for unit in plan.trained for shape in shapes[unit].values())
+    params = unit_params(args)
+    return 4 * sum(params[unit] for unit in plan.trained)
 
 
 def journal_bytes(n_layers: int, n_grads: int) -> int:

@@ -88,14 +88,14 @@ def _plan_activations(model, plan: StepPlan, x_bytes: int, done: int) -> bool:
 
 
 class _Step:
-    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int, segments=None,
-                 n_counted: int | None = None, first_micro: int = 0):
+    def __init__(self, model, tokens, targets, optimizer, plan: StepPlan, dropout: float, seed: int, segments,
+                 n_counted: int, first_micro: int):
         """``n_counted``: the targets the loss is the mean over (the whole step's, with ranks);
         ``first_micro``: the index of this rank's first micro-batch in the step (for dropout)."""
         self.model, self.optimizer, self.plan, self.seed = model, optimizer, plan, seed
         self.t = model.step_count
         self.ranks, self.first_micro = model.ranks, first_micro
-        self.n_counted = int((targets >= 0).sum()) if n_counted is None else n_counted
+        self.n_counted = n_counted
         self.reduce = self.ranks.reduce_ if self.ranks is not None else None
         every = model.fingerprint_every
         self.digests: dict[str, str] | None = {} if self.ranks and every and (self.t + 1) % every == 0 else None
