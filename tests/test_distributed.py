@@ -15,11 +15,12 @@ import torch
 
 import finetune
 from conftest import ROOT, tree_hash
-from reference import load_meta
+from reference import RefLlama, load_meta
 from slowft.errors import SlowftError
 from slowft.formats import open_source
 from slowft.plan import plan_step, reduced_bytes
 from test_loader import bits
+from test_train import reference_grads
 
 STEPS = ["--steps", 3, "--batch-size", 2, "--seq-len", 16, "--dropout", 0.1, "--seed", 3, "--device", "cpu",
          "--storage-dtype", "float32", "--export-dtype", "float32", "--ram-budget", 0, "--rank-timeout", 60,
@@ -98,8 +99,8 @@ def test_collectives_the_journals_agreement_and_the_library_on_two_ranks(src, tm
     """slowft.distributed on 2 real gloo ranks: sums (a tensor gloo cannot take in place is copied),
     decisions taken together, settings and weights compared, and the journals brought together:
     a rank one commit behind rolls forward to what it had prepared; ranks further apart are
-    refused. Then slowft.load(ranks=) and one step of 4 micro-batches, 2 a rank: one process's
-    step on the whole batch, within 1e-6."""
+    refused. Then slowft.load(ranks=) and one step of 4 micro-batches, 2 a rank: plain autograd's
+    on the whole batch in RAM, and one process's step within 1e-6."""
     import slowft
 
     results = ranks([tmp_path, src], [tmp_path, src], script=("-c", COLLECTIVES))
@@ -121,6 +122,14 @@ def test_collectives_the_journals_agreement_and_the_library_on_two_ranks(src, tm
         alone = dict(m.named_tensors())
     split = [torch.load(tmp_path / f"lib-{r}.pt") for r in (0, 1)]
     assert outs[0]["loss"] == outs[1]["loss"] == pytest.approx(loss, rel=1e-6)
+    ref = RefLlama(json.loads((src / "params.json").read_text()), load_meta(src))  # plain autograd, the same masks
+    want = reference_grads(ref, tokens[:, :-1], tokens[:, 1:], 1, 0.1, seed=0, step=0)
+    with torch.no_grad():
+        for w in ref.named_meta().values():
+            w -= 0.5 * w.grad
+    assert outs[0]["loss"] == pytest.approx(want, rel=1e-5)
+    for k, w in ref.named_meta().items():
+        torch.testing.assert_close(split[0][k], w.detach(), rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     for k, want in alone.items():
         assert torch.equal(split[0][k], split[1][k])
         assert ((split[0][k].float() - want.float()).abs().max() / want.float().abs().max()).item() <= 1e-6, k
