@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 import finetune
 from conftest import ROOT, tree_hash
 from reference import RefLlama, load_meta
-from slowft.errors import SlowftError
+from slowft import cli
 from slowft.formats import open_source
 from slowft.plan import plan_step, reduced_bytes
 from test_loader import bits
@@ -194,18 +195,25 @@ def test_killed_rank_stops_the_other_and_both_resume_bit_identically(src, two_ra
 
 
 def test_ranks_given_different_flags_exit_2_naming_the_flag(src, tmp_path):
+    before = tree_hash(src)
     argv = [src, *STEPS, *OPTIMIZERS["sgd"], "--out", tmp_path / "out", "--workdir", tmp_path / "w"]
     results = ranks(argv, [*argv, "--lr", 0.3])
     for rc, err, _ in results:
         assert rc == 2 and err.count("\n") == 1, err
         assert "--lr: rank 1 was given 0.3, rank 0 0.2; expected the same flags" in err
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "w").exists() and tree_hash(src) == before
 
 
-def test_grad_accum_must_split_evenly_between_the_ranks(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SlowftError, match=r"--grad-accum 3: each of the 2 ranks takes an equal share .* a multiple of 2"):
-        finetune.parse_args(["x", "--grad-accum", "3"])
+def test_grad_accum_must_split_evenly_between_the_ranks(src, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (refused before any rank is joined)
+    before = tree_hash(src)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: finetune.main([str(src), "--grad-accum", "3", "--out", str(tmp_path / "out"),
+                                       "--workdir", str(tmp_path / "w")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert re.fullmatch(r"error: --grad-accum 3: each of the 2 ranks takes an equal share .* a multiple of 2", err[0])
+    assert not (tmp_path / "w").exists() and tree_hash(src) == before
 
 
 def test_a_model_folder_is_known_by_its_files_not_its_path(src, tmp_path):
